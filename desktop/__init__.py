@@ -1,0 +1,1 @@
+"""The PySide6 desktop app. Never imports torch or llama_cpp."""

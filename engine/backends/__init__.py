@@ -1,0 +1,1 @@
+"""Backends that run a model behind one small interface (native PyTorch, llama.cpp)."""

@@ -1,0 +1,92 @@
+"""DeepSeekMoE: shared experts that see every token plus routed experts chosen per token."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.model.config import ModelConfig
+from engine.routing import Router
+
+# Up to this many (token, expert) pairs the chosen experts' weights are gathered and applied in one
+# batched product (decode); above it tokens are sorted by expert and each expert runs once (prefill,
+# verification).
+GATHER_MAX_PAIRS = 16
+
+
+class MLP(torch.nn.Module):
+    """SwiGLU feed-forward: dense layers and shared experts."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(torch.nn.Module):
+    """All routed experts' weights stacked: gate and up fused, so one product serves both."""
+
+    def __init__(self, n_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.gate_up = torch.nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))  # [E, 2I, H]
+        self.down = torch.nn.Parameter(torch.empty(n_experts, hidden, inter))  # [E, H, I]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [N, H], weights/ids [N, k] → Σ_k weight · expert_k(x) [N, H]."""
+        if ids.numel() <= GATHER_MAX_PAIRS:
+            return self.forward_gathered(x, weights, ids)
+        return self.forward_grouped(x, weights, ids)
+
+    def forward_gathered(self, x, weights, ids):
+        gate, up = torch.einsum("nh,nkoh->nko", x, self.gate_up[ids]).split(self.inter, dim=-1)
+        y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down[ids])  # [N, k, H]
+        return torch.einsum("nkh,nk->nh", y, weights.to(y.dtype))
+
+    def forward_grouped(self, x, weights, ids):
+        flat_ids = ids.flatten()  # [N*k]
+        order = flat_ids.argsort(stable=True)
+        token_of = order // ids.shape[1]
+        xs = x[token_of]  # [N*k, H], rows grouped by expert
+        counts = torch.bincount(flat_ids, minlength=self.gate_up.shape[0])
+        ys = grouped_swiglu(xs, counts, self.gate_up, self.down, self.inter)
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+
+
+def grouped_swiglu(xs, counts, gate_up, down, inter):
+    """Rows of xs grouped by expert (counts [E]) → each group through its expert's SwiGLU."""
+    if xs.is_cuda and hasattr(F, "grouped_mm") and xs.dtype == torch.bfloat16:
+        # One grouped product per projection and no host synchronisation.
+        offs = counts.cumsum(0).to(torch.int32)
+        gate, up = F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs).split(inter, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+    out = torch.empty(xs.shape[0], down.shape[1], dtype=xs.dtype, device=xs.device)
+    start = 0
+    for e, n in enumerate(counts.tolist()):  # one host read per layer; a loop over experts, not tokens
+        if n:
+            gate, up = F.linear(xs[start:start + n], gate_up[e]).split(inter, dim=-1)
+            out[start:start + n] = F.linear(F.silu(gate) * up, down[e])
+            start += n
+    return out
+
+
+class MoE(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, H]
+        weights, ids = self.router(x)
+        y = self.experts(x, weights, ids)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)

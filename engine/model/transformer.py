@@ -1,0 +1,104 @@
+"""The DeepSeek-V2/V3 network: decoder blocks of MLA + (dense MLP | DeepSeekMoE), and MTP modules."""
+from __future__ import annotations
+
+import torch
+
+from engine.model.attention import MLA, LatentCache, RMSNorm
+from engine.model.config import ModelConfig
+from engine.model.moe import MLP, MoE
+from engine.model.rope import RotaryEmbedding
+from engine.routing import Router
+
+
+class Block(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, rotary, cos, sin, start_pos):
+        x = x + self.attn(self.attn_norm(x), rotary, cos, sin, start_pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTPModule(torch.nn.Module):
+    """One Multi-Token-Prediction depth: (next token's embedding, previous hidden state) → hidden state.
+
+    h' = block(eh_proj([enorm(embed(t)); hnorm(h)])), logits = head(head_norm(h')).
+    Embedding and head are the main model's unless the checkpoint carries different ones.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = torch.nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, layer_idx)
+        self.head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed: torch.nn.Embedding | None = None
+        self.head: torch.nn.Linear | None = None
+
+
+class Transformer(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, n_mtp: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = torch.nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = torch.nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + i) for i in range(n_mtp))
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.rope_interleave)
+        self.max_seq_len = 0
+
+    def reset_rotary(self) -> None:
+        """Recompute the rotary frequencies (a model built on the meta device has none)."""
+        device = self.embed.weight.device
+        self.rotary = RotaryEmbedding(self.cfg.rope, self.cfg.qk_rope_head_dim, self.cfg.rope_interleave).to(device)
+
+    def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
+        """Allocate the latent caches of the main layers and of every MTP module."""
+        cfg, p = self.cfg, self.embed.weight
+        self.max_seq_len = max_seq_len
+        for block in [*self.layers, *(m.block for m in self.mtp)]:
+            block.attn.cache = LatentCache(max_batch, max_seq_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                                           p.dtype, p.device)
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes the main layers' caches hold per token (MTP caches excluded)."""
+        total = 0
+        for block in self.layers:
+            c = block.attn.cache
+            total += (c.latent[0, 0].numel() + c.rope_key[0, 0].numel()) * c.latent.element_size()
+        return total
+
+    def forward(self, tokens: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        """tokens [B, T] → final-normed hidden states [B, T, H].
+
+        start_pos: where these tokens start in the caches (prefill 0, then decode); None runs causal
+        attention within `tokens` only and leaves the caches alone.
+        """
+        x = self.embed(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device) + (start_pos or 0)
+        cos, sin = self.rotary.cos_sin(positions)
+        for block in self.layers:
+            x = block(x, self.rotary, cos, sin, start_pos)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden).float()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights, for test models and the start of training."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for m in self.modules():
+            if isinstance(m, Router):
+                m.bias.zero_()

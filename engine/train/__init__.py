@@ -1,0 +1,1 @@
+"""Building the default model and tuning routers."""

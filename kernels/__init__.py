@@ -1,0 +1,1 @@
+"""GPU kernels (Triton), each with a PyTorch reference that runs on CPU and in tests."""
