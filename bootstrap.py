@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Set up .venv with what is missing, then run moedesk. Standard library only.
+
+    python3 bootstrap.py app     # install what is missing, start moedesk (for now: the engine's
+                                 # generate command on a small test model)
+    python3 bootstrap.py test    # install what is missing, run the whole test suite
+    python3 bootstrap.py setup   # only install
+
+torch: `torch==2.13.0` is asked for. On Linux that is PyPI's CUDA build, so a user with an NVIDIA GPU
+gets GPU support; where a CPU build of that version is available locally (a wheel directory known to
+pip) pip takes it. Override with MOEDESK_TORCH="torch==X" and MOEDESK_TORCH_INDEX_URL=<index> (for
+example PyTorch's CPU-only index, to avoid the large CUDA download on a machine without a GPU).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+STAMP = VENV / ".moedesk-installed"
+TORCH = os.environ.get("MOEDESK_TORCH", "torch==2.13.0")
+EXTRAS = {"app": "", "test": "[test]", "setup": "[test]"}
+
+
+def run(cmd: list[str], **kw) -> int:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    return subprocess.call([str(c) for c in cmd], cwd=ROOT, **kw)
+
+
+def install_key(extras: str) -> str:
+    """Changes whenever what would be installed changes."""
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode() + TORCH.encode()).hexdigest()
+
+
+def need_install(extras: str) -> bool:
+    return install_key(extras) not in (STAMP.read_text().split() if STAMP.exists() else [])
+
+
+def install(extras: str) -> None:
+    if not PY.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    if not need_install(extras):
+        return
+    pip = [PY, "-m", "pip", "install", "--disable-pip-version-check"]
+    if subprocess.call([str(PY), "-c", "import torch"], stderr=subprocess.DEVNULL) != 0:
+        index = os.environ.get("MOEDESK_TORCH_INDEX_URL")
+        if run(pip + [TORCH] + (["--index-url", index] if index else [])) != 0:
+            sys.exit("could not install torch; set MOEDESK_TORCH / MOEDESK_TORCH_INDEX_URL and retry")
+    if run(pip + ["-e", f".{extras}"]) != 0:
+        sys.exit("could not install moedesk's dependencies")
+    old = STAMP.read_text() if STAMP.exists() else ""
+    STAMP.write_text(old + install_key(extras) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "app"
+    if command not in EXTRAS:
+        print(__doc__)
+        return 2
+    install(EXTRAS[command])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if command == "test":
+        return run([PY, "-m", "pytest", "-q", *argv[1:]], env=env)
+    if command == "app":
+        # Until the desktop app and the bundled model land: the engine's generate command on a
+        # small random-weight test model (its replies are gibberish; the pipeline is real).
+        tiny = ROOT / ".cache" / "tiny-model"
+        if not (tiny / "model.safetensors").exists():
+            run([PY, "-m", "engine", "init-tiny", "--out", tiny], env=env)
+        return run([PY, "-m", "engine", "generate", "--model", tiny, "--chat", "Hello! What can you do?",
+                    "--max-tokens", "48", *argv[1:]], env=env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

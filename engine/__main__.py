@@ -1,0 +1,129 @@
+"""Command line: `python -m engine generate|eval|init-tiny ...`. Device, dtype and argument parsing live
+here, at the edge; the modules below take plain values."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_TINY_DIR = Path(__file__).resolve().parent.parent / ".cache" / "tiny-model"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="moedesk's native engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="plain text prompt")
+    src.add_argument("--chat", help="a user message, wrapped in the model's chat template")
+    src.add_argument("--prompt-ids", help="comma-separated token ids")
+    g.add_argument("--system", default=None, help="system message for --chat")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    e = sub.add_parser("eval", help="perplexity of a text file")
+    _add_model_args(e)
+    e.add_argument("--text-file", required=True)
+    e.add_argument("--window", type=int, default=512, help="tokens scored per forward pass")
+    e.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("init-tiny", help="write a small random-weight model (for tests and trying things)")
+    t.add_argument("--out", default=str(DEFAULT_TINY_DIR))
+    t.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_generate(args) -> int:
+    from engine.generate import generate
+    from engine.pretrained import load_pretrained
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            max_tokens=args.max_tokens, stop=args.stop)
+    pre = load_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if args.prompt_ids is not None:
+        prompt_ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        if any(not 0 <= i < pre.cfg.vocab_size for i in prompt_ids):
+            raise ValueError(f"token ids must be in [0, {pre.cfg.vocab_size})")
+    elif args.chat is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": args.chat}]
+        prompt_ids = pre.encode_prompt(chat=messages)
+    else:
+        prompt_ids = pre.encode_prompt(prompt=args.prompt)
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = generate(pre.model, prompt_ids, params, tokenizer=pre.tokenizer, eos_ids=pre.eos_ids,
+                      on_text=None if args.json else stream)
+    if args.json:
+        print(json.dumps({"token_ids": result.token_ids, "text": result.text, "prompt_ids": prompt_ids,
+                          "finish_reason": result.finish_reason, "stats": result.stats}))
+    else:
+        if pre.tokenizer is None:
+            print(",".join(map(str, result.token_ids)))
+        s = result.stats
+        tps = s["decode_tokens_per_s"]
+        print(f"\n[{s['generated_tokens']} tokens, first after {s['time_to_first_token_s'] or 0:.3f}s, "
+              f"{tps or 0:.1f} tok/s decode, finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from engine.evaluate import perplexity
+    from engine.pretrained import load_pretrained
+
+    pre = load_pretrained(args.model, device=args.device, dtype=args.dtype)
+    text = Path(args.text_file).read_text(encoding="utf-8")
+    t0 = time.perf_counter()
+    res = perplexity(pre, text, window=args.window)
+    res["seconds"] = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens")
+    return 0
+
+
+def cmd_init_tiny(args) -> int:
+    from engine.tiny import write_tiny_model
+
+    print(write_tiny_model(args.out, seed=args.seed))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from engine.model.errors import ModelLoadError
+    from engine.tokenizer import ChatTemplateError
+
+    try:
+        return {"generate": cmd_generate, "eval": cmd_eval, "init-tiny": cmd_init_tiny}[args.command](args)
+    except (ModelLoadError, ChatTemplateError, ValueError, FileNotFoundError) as e:
+        # A bad file or argument is the user's to fix: one clear line, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

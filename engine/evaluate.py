@@ -1,0 +1,43 @@
+"""Perplexity of a text under a model, scored in windows of causal attention."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from engine.pretrained import Pretrained
+
+
+@torch.inference_mode()
+def token_nll(model, ids: list[int], window: int) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods and how many tokens were scored.
+
+    Windows overlap by half so that every scored token (after the first window) sees at least
+    window/2 tokens of context.
+    """
+    window = min(window, model.cfg.max_position_embeddings)
+    device = model.embed.weight.device
+    total, count, scored_to = 0.0, 0, 1  # ids[0] has no context and is never scored
+    start = 0
+    while scored_to < len(ids):
+        chunk = torch.tensor([ids[start:start + window]], device=device)
+        logp = F.log_softmax(model.logits(model(chunk)), dim=-1)[0]  # [T, V]
+        targets = chunk[0, 1:]
+        nll = -logp[:-1].gather(-1, targets[:, None])[:, 0]  # nll[i] scores ids[start+i+1]
+        first = scored_to - start - 1
+        total += float(nll[first:].sum())
+        count += nll.shape[0] - first
+        scored_to = start + chunk.shape[1]
+        start = max(start + window // 2, scored_to - window // 2) if scored_to < len(ids) else scored_to
+    return total, count
+
+
+def perplexity(pre: Pretrained, text: str, window: int = 512) -> dict:
+    if pre.tokenizer is None:
+        raise ValueError("this model folder has no tokenizer.json")
+    ids = pre.tokenizer.encode(text)
+    if len(ids) < 2:
+        raise ValueError("the text is too short to score (fewer than 2 tokens)")
+    nll, n = token_nll(pre.model, ids, window)
+    return {"perplexity": math.exp(nll / n), "nll_per_token": nll / n, "tokens": n}

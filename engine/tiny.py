@@ -1,0 +1,84 @@
+"""Small random-weight models written in the real formats: for tests, and for the quick start until
+the bundled model exists. config.json + model.safetensors (DeepSeek names, MTP as extra layers),
+tokenizer.json trained with `tokenizers`, tokenizer_config.json with a Jinja chat template."""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+from engine.model.checkpoint import save_model
+from engine.model.config import parse_config
+from engine.model.transformer import Transformer
+
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+REASONING_TOKENS = ["<think>", "</think>"]  # added as ordinary (non-special) tokens: they stay in the text
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role: ' ~ m['role']) }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_config(vocab_size: int = 512, **overrides) -> dict:
+    """A DeepSeek-V3 config.json dict at toy size; overrides replace any field."""
+    d = {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+        "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8, "n_shared_experts": 1,
+        "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "rope_interleave": True, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
+        "num_nextn_predict_layers": 1, "torch_dtype": "float32",
+    }
+    d.update(overrides)
+    return d
+
+
+def train_tiny_tokenizer(vocab_size: int):
+    """Byte-level BPE on a little standard-library source: deterministic for a Python version."""
+    import json as json_mod
+    import textwrap
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(REASONING_TOKENS), special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [inspect.getsource(m) for m in (json_mod, textwrap)]
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_tokens(REASONING_TOKENS)
+    return tok
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    tok = train_tiny_tokenizer(vocab_size)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+        "add_bos_token": True, "chat_template": CHAT_TEMPLATE, "model_max_length": 512,
+    }, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False}, indent=2) + "\n")
+
+
+def write_tiny_model(out: str | Path, seed: int = 0, std: float = 0.1, with_tokenizer: bool = True,
+                     **overrides) -> Path:
+    """A random-weight DeepSeek-V3 checkpoint folder; returns its path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = tiny_config(**overrides)
+    cfg = parse_config(d)
+    model = Transformer(cfg, n_mtp=cfg.num_nextn_predict_layers)
+    model.init_weights(seed=seed, std=std)
+    save_model(model, out)
+    if with_tokenizer:
+        write_tokenizer(out, cfg.vocab_size)
+    return out
