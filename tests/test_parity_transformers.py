@@ -111,8 +111,8 @@ def test_greedy_generate_equals_transformers(hf_checkpoint, kind, overrides):
     ref_model, path = hf_checkpoint(kind, **overrides)
     prompt = tokens(7, seed=3)
     with torch.no_grad():
-        ref = ref_model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)[0, 7:].tolist()
+        ref = ref_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                 do_sample=False, eos_token_id=None, pad_token_id=95)[0, 7:].tolist()
     ours = load_model(path, device="cpu")
     result = generate(ours, prompt[0].tolist(), SamplingParams(max_tokens=24))
     assert result.token_ids == ref
