@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -15,6 +15,9 @@ from engine.model.transformer import Transformer
 from engine.sampling import (SamplingParams, apply_repetition_penalty, make_generator, probs_from_logits,
                              sample)
 from engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from engine.speculative import SpeculativeConfig
 
 
 @dataclass
@@ -79,80 +82,133 @@ class TokenPicker:
         self.generator = make_generator(params.seed, device)
         self.seen = torch.tensor(prompt_ids, dtype=torch.long, device=device)
 
-    def probs(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
-        """logits [V] → sampling distribution [V]."""
-        logits = apply_repetition_penalty(logits, self.seen if seen is None else seen,
-                                          self.params.repetition_penalty)
-        return probs_from_logits(logits, self.params)
+    def _penalized(self, logits: torch.Tensor, pending: list[int]) -> torch.Tensor:
+        if self.params.repetition_penalty == 1.0:
+            return logits
+        seen = torch.cat([self.seen, self.seen.new_tensor(pending)]) if pending else self.seen
+        return apply_repetition_penalty(logits, seen, self.params.repetition_penalty)
+
+    def probs(self, logits: torch.Tensor, pending: list[int] = ()) -> torch.Tensor:
+        """logits [V] → sampling distribution [V], as if `pending` tokens had been committed too."""
+        return probs_from_logits(self._penalized(logits, list(pending)), self.params)
+
+    def choose(self, logits: torch.Tensor, pending: list[int] = ()) -> int:
+        """The next token after committed + pending tokens (argmax when greedy)."""
+        if self.params.greedy:
+            return int(self._penalized(logits, list(pending)).argmax())
+        return int(sample(self.probs(logits, pending), self.generator))
+
+    def commit(self, token: int) -> None:
+        if self.params.repetition_penalty != 1.0:
+            self.seen = torch.cat([self.seen, self.seen.new_tensor([token])])
 
     def pick(self, logits: torch.Tensor) -> int:
-        if self.params.greedy and self.params.repetition_penalty == 1.0:
-            token = int(logits.argmax())
-        elif self.params.greedy:
-            token = int(apply_repetition_penalty(logits, self.seen, self.params.repetition_penalty).argmax())
-        else:
-            token = int(sample(self.probs(logits), self.generator))
-        self.seen = torch.cat([self.seen, self.seen.new_tensor([token])])
+        token = self.choose(logits)
+        self.commit(token)
         return token
+
+
+class Emitter:
+    """Takes generated tokens one at a time and decides when generation ends: the token budget,
+    end-of-sequence ids, stop strings; streams through the callbacks and keeps timing."""
+
+    def __init__(self, budget: int, tokenizer: Tokenizer | None, stop: list[str], eos_ids: tuple[int, ...],
+                 on_text: Callable[[str], None] | None, on_token: Callable[[int, bool], None] | None):
+        self.budget, self.eos_ids = budget, eos_ids
+        self.stream = TextStream(tokenizer, stop)
+        self.on_text, self.on_token = on_text, on_token
+        self.tokens: list[int] = []
+        self.finish = "length"
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - len(self.tokens)
+
+    def push(self, token: int, from_draft: bool = False) -> bool:
+        """Record a token (from_draft: an accepted speculative draft); True when generation must end."""
+        self.tokens.append(token)
+        if self.t_first is None:
+            self.t_first = time.perf_counter() - self.t0
+        if self.on_token:
+            self.on_token(token, from_draft)
+        if token in self.eos_ids:
+            self.finish = "stop"
+            return True
+        chunk = self.stream.push(token)
+        if chunk and self.on_text:
+            self.on_text(chunk)
+        if self.stream.stopped:
+            self.finish = "stop"
+            return True
+        return len(self.tokens) >= self.budget
+
+    def close(self, n_prompt: int, t_prefill: float) -> GenerationResult:
+        tail = self.stream.flush()
+        if tail and self.on_text:
+            self.on_text(tail)
+        total = time.perf_counter() - self.t0
+        n = len(self.tokens)
+        decode_time = total - (self.t_first or total)
+        stats = {
+            "prompt_tokens": n_prompt,
+            "generated_tokens": n,
+            "time_to_first_token_s": self.t_first,
+            "prefill_s": t_prefill,
+            "prefill_tokens_per_s": n_prompt / t_prefill if t_prefill > 0 else None,
+            "decode_tokens_per_s": (n - 1) / decode_time if n > 1 and decode_time > 0 else None,
+            "total_s": total,
+        }
+        return GenerationResult(self.tokens, self.stream.text, self.finish, stats)
+
+
+def decode_plain(model: Transformer, hidden: torch.Tensor, picker: TokenPicker, emitter: Emitter,
+                 should_stop: Callable[[], bool] | None) -> dict:
+    """One main-model step per token. hidden [1, P, H] is the prefilled prompt's."""
+    pos = hidden.shape[1]
+    logits = model.logits(hidden[:, -1])[0]
+    device = hidden.device
+    while True:
+        if should_stop and should_stop():
+            emitter.finish = "cancelled"
+            break
+        token = picker.pick(logits)
+        if emitter.push(token):
+            break
+        logits = model.logits(model(torch.tensor([[token]], device=device), pos))[0, -1]
+        pos += 1
+    return {}
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
              tokenizer: Tokenizer | None = None, eos_ids: tuple[int, ...] = (),
              on_text: Callable[[str], None] | None = None,
-             on_token: Callable[[int], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+             on_token: Callable[[int, bool], None] | None = None,
+             should_stop: Callable[[], bool] | None = None,
+             speculative: "SpeculativeConfig | None" = None) -> GenerationResult:
+    """Prefill, then decode plainly or with MTP speculation (`speculative.mode == "mtp"`)."""
+    from engine.speculative import decode_mtp, draft_room
+
     if not prompt_ids:
         raise ValueError("empty prompt")
+    use_mtp = speculative is not None and speculative.mode == "mtp"
+    if use_mtp and not model.mtp:
+        raise ValueError("this model has no MTP modules; speculative mode 'mtp' needs them")
     device = model.embed.weight.device
     budget = context_budget(model, len(prompt_ids), params.max_tokens)
-    ensure_cache(model, len(prompt_ids) + budget)
+    ensure_cache(model, len(prompt_ids) + budget + (draft_room(speculative) if use_mtp else 0))
     picker = TokenPicker(params, prompt_ids, device)
-    stream = TextStream(tokenizer, params.stop)
-    out: list[int] = []
-    finish = "length"
-
-    t0 = time.perf_counter()
-    tokens = torch.tensor([prompt_ids], device=device)
-    logits = model.logits(model(tokens, 0)[:, -1])[0]
-    pos = len(prompt_ids)
-    t_prefill = time.perf_counter() - t0
-    t_first = None
-    while len(out) < budget:
-        if should_stop and should_stop():
-            finish = "cancelled"
-            break
-        token = picker.pick(logits)
-        out.append(token)
-        if t_first is None:
-            t_first = time.perf_counter() - t0
-        if on_token:
-            on_token(token)
-        if token in eos_ids:
-            finish = "stop"
-            break
-        chunk = stream.push(token)
-        if chunk and on_text:
-            on_text(chunk)
-        if stream.stopped:
-            finish = "stop"
-            break
-        if len(out) == budget:
-            break
-        logits = model.logits(model(torch.tensor([[token]], device=device), pos))[0, -1]
-        pos += 1
-    tail = stream.flush()
-    if tail and on_text:
-        on_text(tail)
-    total = time.perf_counter() - t0
-    decode_time = total - (t_first or total)
-    stats = {
-        "prompt_tokens": len(prompt_ids),
-        "generated_tokens": len(out),
-        "time_to_first_token_s": t_first,
-        "prefill_s": t_prefill,
-        "prefill_tokens_per_s": len(prompt_ids) / t_prefill if t_prefill > 0 else None,
-        "decode_tokens_per_s": (len(out) - 1) / decode_time if len(out) > 1 and decode_time > 0 else None,
-        "total_s": total,
-    }
-    return GenerationResult(out, stream.text, finish, stats)
+    emitter = Emitter(budget, tokenizer, params.stop, eos_ids, on_text, on_token)
+    hidden = model(torch.tensor([prompt_ids], device=device), 0)  # [1, P, H]
+    t_prefill = time.perf_counter() - emitter.t0
+    if budget == 0:
+        return emitter.close(len(prompt_ids), t_prefill)
+    if use_mtp:
+        extra = decode_mtp(model, prompt_ids, hidden, picker, emitter, should_stop, speculative)
+    else:
+        extra = decode_plain(model, hidden, picker, emitter, should_stop)
+    result = emitter.close(len(prompt_ids), t_prefill)
+    result.stats.update(extra)
+    return result

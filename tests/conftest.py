@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -54,3 +55,39 @@ def hf_checkpoint(tmp_path):
         model.save_pretrained(path)
         return model, path
     return build
+
+
+def write_agreeing_mtp_model(out, vocab_size: int = 512, depth: int = 2, attn_scale: float = 1.0, seed: int = 0,
+                             with_tokenizer: bool = False):
+    """A model whose MTP modules mostly predict what the main model will, by construction.
+
+    The main model has one decoder layer. Each MTP module copies that layer, passes the embedding of
+    the token it is given straight through eh_proj (embedding rows of unit RMS make enorm the
+    identity) and shares the final norm, so it computes the main model's prediction for that token.
+    Only attention differs (the module's cache holds other inputs), which keeps agreement high but
+    below 100% (about 80% here; attn_scale < 1 raises it), so both the accept and the reject paths run.
+    """
+    from engine.model.checkpoint import save_model
+    from engine.model.config import parse_config
+    from engine.model.transformer import Transformer
+    from engine.tiny import tiny_config
+
+    cfg = parse_config(tiny_config(vocab_size=vocab_size, num_hidden_layers=1, first_k_dense_replace=0,
+                                   num_nextn_predict_layers=depth))
+    model = Transformer(cfg, n_mtp=depth)
+    model.init_weights(seed=seed, std=0.1)
+    H = cfg.hidden_size
+    with torch.no_grad():
+        emb = model.embed.weight
+        emb /= emb.pow(2).mean(-1, keepdim=True).sqrt()
+        model.layers[0].attn.out_proj.weight *= attn_scale
+        for m in model.mtp:
+            m.eh_proj.weight.zero_()
+            m.eh_proj.weight[:, :H] = torch.eye(H)
+            m.block.load_state_dict(model.layers[0].state_dict())
+            m.head_norm.weight.copy_(model.norm.weight)
+    save_model(model, out)
+    if with_tokenizer:
+        from engine.tiny import write_tokenizer
+        write_tokenizer(Path(out), vocab_size)
+    return out

@@ -111,7 +111,7 @@ def test_eos_and_cancel(tiny):
     assert r.finish_reason == "stop" and r.token_ids == first[:3]
     calls = []
     r = generate(pre.model, ids, SamplingParams(max_tokens=50), should_stop=lambda: len(calls) >= 4,
-                 on_token=calls.append)
+                 on_token=lambda t, from_draft: calls.append(t))
     assert r.finish_reason == "cancelled" and len(r.token_ids) == 4
 
 

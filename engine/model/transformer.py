@@ -40,6 +40,16 @@ class MTPModule(torch.nn.Module):
         self.embed: torch.nn.Embedding | None = None
         self.head: torch.nn.Linear | None = None
 
+    def forward(self, hidden, next_tokens, main: "Transformer", cos, sin, start_pos):
+        """hidden [B, T, H] of the previous depth at positions i, next_tokens [B, T] = tokens i+depth
+        → this depth's hidden states [B, T, H] (before head_norm), which predict tokens i+depth+1."""
+        emb = (self.embed or main.embed)(next_tokens)
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
+        return self.block(x, main.rotary, cos, sin, start_pos)
+
+    def logits(self, hidden: torch.Tensor, main: "Transformer") -> torch.Tensor:
+        return (self.head or main.head)(self.head_norm(hidden)).float()
+
 
 class Transformer(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, n_mtp: int = 0):
@@ -89,6 +99,16 @@ class Transformer(torch.nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden).float()
+
+    def mtp_forward(self, depth: int, hidden: torch.Tensor, next_tokens: torch.Tensor,
+                    start_pos: int | None = None) -> torch.Tensor:
+        """Run MTP module `depth` (0-based) over positions start_pos.. (see MTPModule.forward)."""
+        positions = torch.arange(next_tokens.shape[1], device=next_tokens.device) + (start_pos or 0)
+        cos, sin = self.rotary.cos_sin(positions)
+        return self.mtp[depth](hidden, next_tokens, self, cos, sin, start_pos)
+
+    def mtp_logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mtp[depth].logits(hidden, self)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:

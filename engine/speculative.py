@@ -1,0 +1,259 @@
+"""Speculative decoding with the model's own Multi-Token-Prediction modules.
+
+Each step: the MTP chain drafts k tokens, the main model verifies [last token, draft_1..draft_k] in
+one pass, the longest valid prefix is kept plus one token from the main model, and the caches simply
+continue from the new length (rejected positions are overwritten later, never read).
+
+Greedy: a draft is kept while it equals the main model's argmax, so the output is identical to plain
+decoding. Sampling: a draft x ~ q is kept with probability min(1, p(x)/q(x)); on rejection the token is
+drawn from normalize(max(0, p − q)), so the output follows p exactly (Leviathan et al., Chen et al.).
+
+MTP bookkeeping. Depth j (1-based) at position i combines depth j-1's hidden state at i (depth 0: the
+main model's) with the token at i+j and predicts token i+j+1. Its cache entry at i is final once token
+i+j is committed; `valid[j]` counts those. Each round first brings every depth up to date over the
+positions that became final, which is also the pass that yields its draft at the newest position.
+Drafts beyond the number of modules D reuse module D autoregressively, feeding it its own hidden state.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from engine.generate import Emitter, TokenPicker
+from engine.model.transformer import Transformer
+from engine.sampling import sample
+
+AcceptRule = Callable[[float, float], float]
+
+
+def accept_probability(p: float, q: float) -> float:
+    """Chance of keeping a draft token that the draft gave probability q and the target p."""
+    return min(1.0, p / q) if q > 0 else 1.0
+
+
+@dataclass
+class SpeculativeConfig:
+    mode: str = "mtp"  # "off" | "mtp"
+    k: int | str = "auto"  # drafts per step, or "auto" to choose each step
+    k_max: int = 4  # upper bound for "auto"
+    accept_rule: AcceptRule = field(default=accept_probability, repr=False)
+
+    def __post_init__(self):
+        if self.mode not in ("off", "mtp"):
+            raise ValueError(f"unknown speculative mode {self.mode!r}")
+        if self.k != "auto" and (not isinstance(self.k, int) or self.k < 1):
+            raise ValueError("k must be a positive integer or 'auto'")
+
+    @property
+    def max_drafts(self) -> int:
+        return self.k_max if self.k == "auto" else int(self.k)
+
+
+def draft_room(cfg: SpeculativeConfig | None) -> int:
+    """Cache positions needed beyond the generated tokens for drafts under verification."""
+    return cfg.max_drafts + 1 if cfg else 0
+
+
+class MTPDrafter:
+    """The MTP chain's per-depth hidden states and how far each depth's cache is final."""
+
+    def __init__(self, model: Transformer, prompt_hidden: torch.Tensor):
+        self.model = model
+        self.depth = len(model.mtp)
+        S, H = model.max_seq_len, model.cfg.hidden_size
+        p = prompt_hidden
+        self.hidden = [p.new_zeros(1, S, H) for _ in range(self.depth + 1)]  # [0]: main model
+        self.hidden[0][:, :p.shape[1]] = p
+        self.valid = [0] * (self.depth + 1)
+
+    def draft(self, tokens: list[int], k: int, picker: TokenPicker) -> tuple[list[int], list]:
+        """tokens: committed, the last one not yet fed to the main model → k drafts and their q."""
+        model, D, N = self.model, self.depth, len(tokens) - 1
+        device = self.hidden[0].device
+        drafts, qs = [], []
+        for j in range(1, min(k, D) + 1):
+            start = self.valid[j]
+            ids = (tokens + drafts)[start + j:N + j]  # the token at i+j for positions i = start..N-1
+            h = model.mtp_forward(j - 1, self.hidden[j - 1][:, start:N], torch.tensor([ids], device=device), start)
+            self.hidden[j][:, start:N] = h
+            self.valid[j] = N - j + 1
+            self._propose(model.mtp_logits(j - 1, h[:, -1])[0], picker, drafts, qs)
+        for j in range(D + 1, k + 1):  # beyond the chain: module D again, one position further each time
+            pos = N - 1 + j - D
+            h = model.mtp_forward(D - 1, self.hidden[D][:, pos - 1:pos],
+                                  torch.tensor([[drafts[-1]]], device=device), pos)
+            self.hidden[D][:, pos:pos + 1] = h
+            self._propose(model.mtp_logits(D - 1, h[:, -1])[0], picker, drafts, qs)
+        return drafts, qs
+
+    @staticmethod
+    def _propose(logits, picker: TokenPicker, drafts: list[int], qs: list) -> None:
+        if picker.params.greedy:
+            drafts.append(picker.choose(logits, drafts))
+            qs.append(None)
+        else:
+            q = picker.probs(logits, drafts)
+            drafts.append(int(sample(q, picker.generator)))
+            qs.append(q)
+
+
+def verify(logits: torch.Tensor, drafts: list[int], qs: list, picker: TokenPicker,
+           rule: AcceptRule = accept_probability) -> tuple[int, int]:
+    """logits [k+1, V] of the main model over [last, drafts] → (drafts accepted, the next token)."""
+    for i, d in enumerate(drafts):
+        if picker.params.greedy:
+            target = picker.choose(logits[i], drafts[:i])
+            if d != target:
+                return i, target
+            continue
+        p, q = picker.probs(logits[i], drafts[:i]), qs[i]
+        u = float(torch.rand((), generator=picker.generator, device=p.device))
+        if u < rule(float(p[d]), float(q[d])):
+            continue
+        residual = (p - q).clamp(min=0)
+        residual = residual / residual.sum() if residual.sum() > 0 else p
+        return i, int(sample(residual, picker.generator))
+    return len(drafts), picker.choose(logits[len(drafts)], drafts)
+
+
+class DraftLength:
+    """Chooses k each step: the k that minimizes expected time per token, from the measured cost of
+    a k+1-token verification pass relative to a 1-token step and the recent acceptance per position.
+    k = 0 is a plain step; after a run of plain steps it probes k = 1 to refresh its estimates."""
+
+    EMA = 0.2  # weight of the newest observation
+    PROBE_EVERY = 8
+
+    def __init__(self, cfg: SpeculativeConfig):
+        self.fixed = None if cfg.k == "auto" else int(cfg.k)
+        self.k_max = cfg.max_drafts
+        self.alpha = [0.6] * self.k_max  # P(draft j accepted | drafts before it accepted)
+        self.t_verify: dict[int, float] = {}  # tokens per main pass → seconds
+        self.t_draft: float | None = None  # seconds per drafted token (MTP passes incl. catch-up)
+        self.plain_streak = 0
+
+    def _ema(self, old, new):
+        return new if old is None else (1 - self.EMA) * old + self.EMA * new
+
+    def verify_cost(self, s: int) -> float:
+        if s in self.t_verify:
+            return self.t_verify[s]
+        known = max(k for k in self.t_verify if k < s)
+        return self.t_verify[known] * (1 + 0.05 * (s - known))  # optimistic until measured
+
+    def expected_time_per_token(self, k: int) -> float:
+        if k == 0:
+            return self.t_verify[1]
+        tokens, run = 1.0, 1.0
+        for a in self.alpha[:k]:
+            run *= a
+            tokens += run
+        return (self.verify_cost(k + 1) + k * (self.t_draft or 0.0)) / tokens
+
+    def choose(self, cap: int) -> int:
+        cap = max(0, min(cap, self.k_max))
+        if self.fixed is not None:
+            return min(self.fixed, cap)
+        if 1 not in self.t_verify or cap == 0:
+            return 0  # measure a plain step first
+        best = min(range(cap + 1), key=self.expected_time_per_token)
+        if best == 0:
+            self.plain_streak += 1
+            if self.plain_streak >= self.PROBE_EVERY:
+                self.plain_streak = 0
+                return 1
+        return best
+
+    def observe(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        self.t_verify[k + 1] = self._ema(self.t_verify.get(k + 1), verify_s)
+        if k:
+            self.t_draft = self._ema(self.t_draft, draft_s / k)
+            for j in range(min(accepted + 1, k)):  # positions reached this step
+                self.alpha[j] = self._ema(self.alpha[j], 1.0 if j < accepted else 0.0)
+
+
+@dataclass
+class SpecStats:
+    k_max: int
+    verify_steps: int = 0
+    plain_steps: int = 0
+    accepted_total: int = 0
+    proposed: list[int] = field(default_factory=list)
+    reached: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def record(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+        if k == 0:
+            self.plain_steps += 1
+            return
+        self.verify_steps += 1
+        self.accepted_total += accepted
+        while len(self.proposed) < k:
+            self.proposed.append(0), self.reached.append(0), self.accepted.append(0)
+        for j in range(k):
+            self.proposed[j] += 1
+            self.reached[j] += j <= accepted
+            self.accepted[j] += j < accepted
+
+    def as_dict(self) -> dict:
+        proposed = sum(self.proposed)
+        return {
+            "speculative": "mtp",
+            "verify_steps": self.verify_steps,
+            "plain_steps": self.plain_steps,
+            "draft_tokens_proposed": proposed,
+            "draft_tokens_accepted": self.accepted_total,
+            "acceptance_rate": self.accepted_total / proposed if proposed else None,
+            # P(draft j accepted | drafts before it accepted), j = 1..
+            "acceptance_per_position": [a / r if r else None for a, r in zip(self.accepted, self.reached)],
+            "accepted_per_position": list(self.accepted),
+            "reached_per_position": list(self.reached),
+            # tokens gained per verification pass: accepted drafts + the main model's own token
+            "mean_accepted_length": (self.accepted_total + self.verify_steps) / self.verify_steps
+            if self.verify_steps else None,
+            "mean_draft_length": proposed / self.verify_steps if self.verify_steps else None,
+            "draft_time_s": self.draft_s,
+            "verify_time_s": self.verify_s,
+        }
+
+
+def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, picker: TokenPicker,
+               emitter: Emitter, should_stop: Callable[[], bool] | None, cfg: SpeculativeConfig) -> dict:
+    """Speculative decoding loop; hidden [1, P, H] is the prefilled prompt's."""
+    device = hidden.device
+    drafter = MTPDrafter(model, hidden)
+    control = DraftLength(cfg)
+    stats = SpecStats(cfg.max_drafts)
+    tokens = list(prompt_ids)
+    first = picker.pick(model.logits(hidden[:, -1])[0])
+    tokens.append(first)
+    done = emitter.push(first)
+    while not done:
+        if should_stop and should_stop():
+            emitter.finish = "cancelled"
+            break
+        N = len(tokens) - 1  # the newest token, not yet seen by the main model
+        k = control.choose(min(emitter.remaining - 1, model.max_seq_len - N - 1))
+        t0 = time.perf_counter()
+        drafts, qs = drafter.draft(tokens, k, picker) if k else ([], [])
+        t1 = time.perf_counter()
+        h = model(torch.tensor([[tokens[N]] + drafts], device=device), N)  # [1, k+1, H]
+        drafter.hidden[0][:, N:N + k + 1] = h
+        accepted, bonus = verify(model.logits(h)[0], drafts, qs, picker, cfg.accept_rule)
+        t2 = time.perf_counter()
+        control.observe(k, accepted, t1 - t0, t2 - t1)
+        stats.record(k, accepted, t1 - t0, t2 - t1)
+        for i, t in enumerate(drafts[:accepted] + [bonus]):
+            picker.commit(t)
+            tokens.append(t)
+            if emitter.push(t, from_draft=i < accepted):
+                done = True
+                break
+    return stats.as_dict()
