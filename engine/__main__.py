@@ -36,7 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--speculative", choices=["off", "mtp"], default="off",
+                   help="mtp: draft with the model's own MTP modules and verify in one pass")
+    g.add_argument("--k", default="auto", help="drafts per step (1, 2, ...) or auto")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    b = sub.add_parser("bench", help="decode speed with speculation off and on, interleaved, medians")
+    _add_model_args(b)
+    b.add_argument("--prompts", default=None, help="a .json list or a text file with one prompt per line")
+    b.add_argument("--max-tokens", type=int, default=128)
+    b.add_argument("--speculative", default="off,mtp", help="comma-separated modes: off,mtp")
+    b.add_argument("--k", default="1,2,3,4,auto", help="comma-separated draft lengths for mtp")
+    b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--json", dest="json_out", default=None, help="write the full results to this file")
 
     e = sub.add_parser("eval", help="perplexity of a text file")
     _add_model_args(e)
@@ -54,6 +67,7 @@ def cmd_generate(args) -> int:
     from engine.generate import generate
     from engine.pretrained import load_pretrained
     from engine.sampling import SamplingParams
+    from engine.speculative import SpeculativeConfig
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -74,8 +88,10 @@ def cmd_generate(args) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    spec = None if args.speculative == "off" else \
+        SpeculativeConfig(mode=args.speculative, k=args.k if args.k == "auto" else int(args.k))
     result = generate(pre.model, prompt_ids, params, tokenizer=pre.tokenizer, eos_ids=pre.eos_ids,
-                      on_text=None if args.json else stream)
+                      on_text=None if args.json else stream, speculative=spec)
     if args.json:
         print(json.dumps({"token_ids": result.token_ids, "text": result.text, "prompt_ids": prompt_ids,
                           "finish_reason": result.finish_reason, "stats": result.stats}))
@@ -105,6 +121,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from engine.bench import configurations, environment, format_table, load_prompts, run_bench
+    from engine.pretrained import load_pretrained
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pre = load_pretrained(args.model, device=args.device, dtype=args.dtype)
+    modes = [m.strip() for m in args.speculative.split(",") if m.strip()]
+    if "mtp" in modes and not pre.model.mtp:
+        raise ValueError("this model has no MTP modules; run with --speculative off")
+    configs = configurations(modes, [k.strip() for k in args.k.split(",") if k.strip()])
+
+    def progress(done, total):
+        print(f"\r{done}/{total} runs", end="", file=sys.stderr, flush=True)
+
+    result = run_bench(pre, load_prompts(args.prompts), configs, args.max_tokens, args.repeat, progress)
+    print(file=sys.stderr)
+    result["environment"] = environment(pre)
+    result["settings"] = {"max_tokens": args.max_tokens, "repeat": args.repeat, "temperature": 0}
+    print(format_table(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_init_tiny(args) -> int:
     from engine.tiny import write_tiny_model
 
@@ -118,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.tokenizer import ChatTemplateError
 
     try:
-        return {"generate": cmd_generate, "eval": cmd_eval, "init-tiny": cmd_init_tiny}[args.command](args)
+        return {"generate": cmd_generate, "eval": cmd_eval, "bench": cmd_bench,
+                "init-tiny": cmd_init_tiny}[args.command](args)
     except (ModelLoadError, ChatTemplateError, ValueError, FileNotFoundError) as e:
         # A bad file or argument is the user's to fix: one clear line, no traceback.
         print(f"error: {e}", file=sys.stderr)

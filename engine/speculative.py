@@ -17,6 +17,7 @@ Drafts beyond the number of modules D reuse module D autoregressively, feeding i
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -120,59 +121,81 @@ def verify(logits: torch.Tensor, drafts: list[int], qs: list, picker: TokenPicke
 
 
 class DraftLength:
-    """Chooses k each step: the k that minimizes expected time per token, from the measured cost of
-    a k+1-token verification pass relative to a 1-token step and the recent acceptance per position.
-    k = 0 is a plain step; after a run of plain steps it probes k = 1 to refresh its estimates."""
+    """Chooses k each step: the k that minimizes expected time per token, from the measured wall time
+    of whole steps with k drafts (drafting, the k+1-token verification pass and the bookkeeping) and
+    the recent acceptance per position. k = 0 is a plain step. Unmeasured k are estimated from the
+    nearest measured one plus the measured cost per drafted token; after a run of plain steps it
+    probes k = 1 to refresh its estimates, waiting twice as long after each probe that changed
+    nothing, so a model whose drafts never pay costs at most a few percent."""
 
     EMA = 0.2  # weight of the newest observation
-    PROBE_EVERY = 8
+    PROBE_FIRST, PROBE_MAX = 16, 256
+    VERIFY_GROWTH = 0.05  # assumed extra verification cost per extra token, relative to a 1-token step
 
     def __init__(self, cfg: SpeculativeConfig):
         self.fixed = None if cfg.k == "auto" else int(cfg.k)
         self.k_max = cfg.max_drafts
         self.alpha = [0.6] * self.k_max  # P(draft j accepted | drafts before it accepted)
-        self.t_verify: dict[int, float] = {}  # tokens per main pass → seconds
+        self.t_step: dict[int, float] = {}  # k → seconds per step
         self.t_draft: float | None = None  # seconds per drafted token (MTP passes incl. catch-up)
         self.plain_streak = 0
+        self.probe_every = self.PROBE_FIRST
 
     def _ema(self, old, new):
         return new if old is None else (1 - self.EMA) * old + self.EMA * new
 
-    def verify_cost(self, s: int) -> float:
-        if s in self.t_verify:
-            return self.t_verify[s]
-        known = max(k for k in self.t_verify if k < s)
-        return self.t_verify[known] * (1 + 0.05 * (s - known))  # optimistic until measured
+    def step_cost(self, k: int) -> float:
+        if k in self.t_step:
+            return self.t_step[k]
+        known = max(j for j in self.t_step if j < k)
+        per_draft = (self.t_draft or 0.0) + self.VERIFY_GROWTH * self.t_step[0]
+        return self.t_step[known] + (k - known) * per_draft  # optimistic until measured
 
     def expected_time_per_token(self, k: int) -> float:
-        if k == 0:
-            return self.t_verify[1]
         tokens, run = 1.0, 1.0
         for a in self.alpha[:k]:
             run *= a
             tokens += run
-        return (self.verify_cost(k + 1) + k * (self.t_draft or 0.0)) / tokens
+        return self.step_cost(k) / tokens
 
     def choose(self, cap: int) -> int:
         cap = max(0, min(cap, self.k_max))
         if self.fixed is not None:
             return min(self.fixed, cap)
-        if 1 not in self.t_verify or cap == 0:
+        if 0 not in self.t_step or cap == 0:
             return 0  # measure a plain step first
+        if 1 not in self.t_step:
+            return 1  # then one draft, to measure what drafting costs
         best = min(range(cap + 1), key=self.expected_time_per_token)
-        if best == 0:
-            self.plain_streak += 1
-            if self.plain_streak >= self.PROBE_EVERY:
-                self.plain_streak = 0
-                return 1
-        return best
+        if best:
+            self.probe_every = self.PROBE_FIRST
+            return best
+        self.plain_streak += 1
+        if self.plain_streak < self.probe_every:
+            return 0
+        self.plain_streak = 0
+        self.probe_every = min(2 * self.probe_every, self.PROBE_MAX)
+        return 1
 
-    def observe(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        self.t_verify[k + 1] = self._ema(self.t_verify.get(k + 1), verify_s)
+    def observe(self, k: int, accepted: int, step_s: float, draft_s: float) -> None:
+        self.t_step[k] = self._ema(self.t_step.get(k), step_s)
         if k:
             self.t_draft = self._ema(self.t_draft, draft_s / k)
             for j in range(min(accepted + 1, k)):  # positions reached this step
                 self.alpha[j] = self._ema(self.alpha[j], 1.0 if j < accepted else 0.0)
+
+
+_controllers: "weakref.WeakKeyDictionary[Transformer, dict]" = weakref.WeakKeyDictionary()
+
+
+def draft_length_for(model: Transformer, cfg: SpeculativeConfig) -> DraftLength:
+    """One controller per model and setting, kept across requests: what it measured about this
+    model's costs and acceptance still holds for the next reply."""
+    per_model = _controllers.setdefault(model, {})
+    key = (cfg.k, cfg.k_max)
+    if key not in per_model:
+        per_model[key] = DraftLength(cfg)
+    return per_model[key]
 
 
 @dataclass
@@ -229,7 +252,7 @@ def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, 
     """Speculative decoding loop; hidden [1, P, H] is the prefilled prompt's."""
     device = hidden.device
     drafter = MTPDrafter(model, hidden)
-    control = DraftLength(cfg)
+    control = draft_length_for(model, cfg)
     stats = SpecStats(cfg.max_drafts)
     tokens = list(prompt_ids)
     first = picker.pick(model.logits(hidden[:, -1])[0])
@@ -248,12 +271,12 @@ def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, 
         drafter.hidden[0][:, N:N + k + 1] = h
         accepted, bonus = verify(model.logits(h)[0], drafts, qs, picker, cfg.accept_rule)
         t2 = time.perf_counter()
-        control.observe(k, accepted, t1 - t0, t2 - t1)
-        stats.record(k, accepted, t1 - t0, t2 - t1)
         for i, t in enumerate(drafts[:accepted] + [bonus]):
             picker.commit(t)
             tokens.append(t)
             if emitter.push(t, from_draft=i < accepted):
                 done = True
                 break
+        control.observe(k, accepted, time.perf_counter() - t0, t1 - t0)
+        stats.record(k, accepted, t1 - t0, t2 - t1)
     return stats.as_dict()

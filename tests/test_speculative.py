@@ -190,3 +190,31 @@ def test_mtp_training_loss_shapes_and_gradients(tmp_path):
     assert loss.item() == pytest.approx(parts["lm"] + 0.15 * (parts["mtp1"] + parts["mtp2"]), rel=1e-5)
     loss.backward()
     assert model.mtp[1].eh_proj.weight.grad.abs().sum() > 0 and model.layers[0].attn.q_up_proj.weight.grad is not None
+
+
+def test_cli_generate_speculative_and_bench(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = write_agreeing_mtp_model(tmp_path / "m", with_tokenizer=True)
+    root = Path(__file__).resolve().parent.parent
+    run = lambda *a: subprocess.run([sys.executable, "-m", "engine", *map(str, a)], capture_output=True,
+                                    text=True, cwd=root, timeout=300)
+    plain = run("generate", "--model", model, "--prompt-ids", "5,6,7", "--max-tokens", "20", "--json")
+    spec = run("generate", "--model", model, "--prompt-ids", "5,6,7", "--max-tokens", "20", "--json",
+               "--speculative", "mtp", "--k", "3")
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
+    a, b = json.loads(plain.stdout), json.loads(spec.stdout)
+    assert a["token_ids"] == b["token_ids"]
+    assert b["stats"]["draft_tokens_accepted"] > 0 and len(b["stats"]["acceptance_per_position"]) == 3
+
+    out = tmp_path / "bench.json"
+    r = run("bench", "--model", model, "--max-tokens", "16", "--repeat", "1", "--k", "2,auto", "--json", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res["configs"]) == {"off", "mtp k=2", "mtp k=auto"}
+    assert all(c["identical_to_off"] for c in res["configs"].values())
+    assert res["configs"]["mtp k=2"]["mean_accepted_length"] > 1.5
+    assert "speedup" in r.stdout and len(res["runs"]) == 3 * 3

@@ -1,0 +1,144 @@
+"""Speed measurements: every configuration on every prompt, interleaved so machine drift cancels.
+
+Speedups are ratios taken in the same run: each speculative run is divided by the plain run of the same
+prompt in the same round. Medians throughout, because these machines are noisy.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.generate import generate
+from engine.pretrained import Pretrained
+from engine.sampling import SamplingParams
+from engine.speculative import SpeculativeConfig
+
+BUILTIN_PROMPTS = [
+    {"name": "chat", "chat": "What does the json module do? Give an example."},
+    {"name": "code", "prompt": "def read_config(path):\n    \"\"\"Read a JSON config file and return a dict.\"\"\"\n"},
+    {"name": "prose", "prompt": "The Python standard library is a collection of modules that"},
+]
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    speculative: SpeculativeConfig | None
+
+
+def configurations(modes: list[str], ks: list[str]) -> list[BenchConfig]:
+    out = [BenchConfig("off", None)]
+    if "mtp" in modes:
+        out += [BenchConfig(f"mtp k={k}", SpeculativeConfig(k=k if k == "auto" else int(k))) for k in ks]
+    return out
+
+
+def load_prompts(path: str | None) -> list[dict]:
+    if path is None:
+        return BUILTIN_PROMPTS
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        items = json.loads(text)
+        return [p if isinstance(p, dict) else {"name": f"p{i}", "chat": p} for i, p in enumerate(items)]
+    return [{"name": f"p{i}", "chat": line} for i, line in enumerate(l for l in text.splitlines() if l.strip())]
+
+
+def prompt_ids(pre: Pretrained, prompt: dict) -> list[int]:
+    if "ids" in prompt:
+        return list(prompt["ids"])
+    if "chat" in prompt and pre.tokenizer is not None and pre.tokenizer.chat_template:
+        return pre.encode_prompt(chat=[{"role": "user", "content": prompt["chat"]}])
+    return pre.encode_prompt(prompt=prompt.get("prompt", prompt.get("chat", "")))
+
+
+def run_bench(pre: Pretrained, prompts: list[dict], configs: list[BenchConfig], max_tokens: int = 128,
+              repeat: int = 3, progress=None) -> dict:
+    params = SamplingParams(max_tokens=max_tokens)  # greedy: outputs must be identical across configs
+    encoded = [(p["name"], prompt_ids(pre, p)) for p in prompts]
+    for cfg in configs:  # warm-up, untimed: allocations, and the draft-length controller's first probes
+        generate(pre.model, encoded[0][1], params, speculative=cfg.speculative)
+    runs = []
+    for r in range(repeat):
+        for name, ids in encoded:
+            order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate to spread drift
+            for cfg in order:
+                res = generate(pre.model, ids, params, eos_ids=pre.eos_ids, speculative=cfg.speculative)
+                runs.append({"round": r, "prompt": name, "config": cfg.name, "token_ids": res.token_ids,
+                             "stats": res.stats})
+                if progress:
+                    progress(len(runs), repeat * len(encoded) * len(configs))
+    return summarize(runs, configs, encoded)
+
+
+def summarize(runs: list[dict], configs: list[BenchConfig], encoded) -> dict:
+    off = {(x["round"], x["prompt"]): x for x in runs if x["config"] == "off"}
+    summary = {}
+    for cfg in configs:
+        mine = [x for x in runs if x["config"] == cfg.name]
+        tps = [x["stats"]["decode_tokens_per_s"] or 0.0 for x in mine]
+        ratios = {}
+        for x in mine:
+            base = off[(x["round"], x["prompt"])]["stats"]["decode_tokens_per_s"]
+            ratios.setdefault(x["prompt"], []).append((x["stats"]["decode_tokens_per_s"] or 0) / base if base else 0)
+        per_prompt = {p: statistics.median(v) for p, v in ratios.items()}
+        entry = {
+            "median_decode_tokens_per_s": statistics.median(tps),
+            "speedup": statistics.median([v for vs in ratios.values() for v in vs]),
+            "speedup_per_prompt": per_prompt,
+            "min_prompt_speedup": min(per_prompt.values()),
+            "identical_to_off": all(x["token_ids"] == off[(x["round"], x["prompt"])]["token_ids"] for x in mine),
+            "median_time_to_first_token_s": statistics.median(x["stats"]["time_to_first_token_s"] or 0 for x in mine),
+            "generated_tokens": sum(x["stats"]["generated_tokens"] for x in mine),
+        }
+        if cfg.speculative is not None:
+            steps = sum(x["stats"]["verify_steps"] for x in mine)
+            acc = sum(x["stats"]["draft_tokens_accepted"] for x in mine)
+            prop = sum(x["stats"]["draft_tokens_proposed"] for x in mine)
+            reached, accepted = _sum_lists(mine, "reached_per_position"), _sum_lists(mine, "accepted_per_position")
+            entry.update({
+                "mean_accepted_length": (acc + steps) / steps if steps else None,
+                "acceptance_rate": acc / prop if prop else None,
+                "acceptance_per_position": [a / r if r else None for a, r in zip(accepted, reached)],
+                "verify_steps": steps,
+                "plain_steps": sum(x["stats"]["plain_steps"] for x in mine),
+            })
+        summary[cfg.name] = entry
+    return {"configs": summary, "prompts": [n for n, _ in encoded], "runs": runs}
+
+
+def _sum_lists(runs, key):
+    out: list[int] = []
+    for x in runs:
+        for i, v in enumerate(x["stats"][key]):
+            if i == len(out):
+                out.append(0)
+            out[i] += v
+    return out
+
+
+def environment(pre: Pretrained) -> dict:
+    dev = pre.model.embed.weight.device
+    return {"model": str(pre.path), "device": str(dev), "dtype": str(pre.model.embed.weight.dtype),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "processor": platform.processor(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
+
+
+def format_table(result: dict) -> str:
+    head = f"{'config':<12} {'tok/s':>8} {'speedup':>8} {'min/prompt':>10} {'acc.len':>8} {'identical':>9}  acceptance/position"
+    lines = [head, "-" * len(head)]
+    for name, e in result["configs"].items():
+        acc = e.get("acceptance_per_position")
+        acc_s = " ".join(f"{a:.2f}" if a is not None else "-" for a in acc) if acc else ""
+        mal = e.get("mean_accepted_length")
+        mal_s = "-" if mal is None else f"{mal:.2f}"
+        lines.append(f"{name:<12} {e['median_decode_tokens_per_s']:>8.1f} {e['speedup']:>7.2f}x "
+                     f"{e['min_prompt_speedup']:>9.2f}x {mal_s:>8} "
+                     f"{str(e['identical_to_off']):>9}  {acc_s}")
+    return "\n".join(lines)
