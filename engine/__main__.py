@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=512, help="tokens scored per forward pass")
     e.add_argument("--json", action="store_true")
 
+    d = sub.add_parser("train-default", help="build the bundled default model from nothing (resumable)")
+    d.add_argument("--out", default=None, help="model folder to write (default: assets/models/moedesk-mini)")
+    d.add_argument("--work", default=None, help="data and checkpoints (default: .cache/train-default)")
+    d.add_argument("--minutes", type=float, default=80.0, help="time budget for the whole build")
+    d.add_argument("--seed", type=int, default=0)
+
     t = sub.add_parser("init-tiny", help="write a small random-weight model (for tests and trying things)")
     t.add_argument("--out", default=str(DEFAULT_TINY_DIR))
     t.add_argument("--seed", type=int, default=0)
@@ -148,6 +154,15 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_train_default(args) -> int:
+    from engine.train.default_model import DEFAULT_OUT, DEFAULT_WORK, TrainSettings, build
+
+    out = build(Path(args.out) if args.out else DEFAULT_OUT, Path(args.work) if args.work else DEFAULT_WORK,
+                TrainSettings(minutes=args.minutes, seed=args.seed))
+    print((out / "MODEL_CARD.md").read_text())
+    return 0
+
+
 def cmd_init_tiny(args) -> int:
     from engine.tiny import write_tiny_model
 
@@ -162,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"generate": cmd_generate, "eval": cmd_eval, "bench": cmd_bench,
-                "init-tiny": cmd_init_tiny}[args.command](args)
+                "train-default": cmd_train_default, "init-tiny": cmd_init_tiny}[args.command](args)
     except (ModelLoadError, ChatTemplateError, ValueError, FileNotFoundError) as e:
         # A bad file or argument is the user's to fix: one clear line, no traceback.
         print(f"error: {e}", file=sys.stderr)

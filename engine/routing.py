@@ -28,6 +28,18 @@ class Router(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size, dtype=torch.float32))
         # Score-correction bias: shifts which experts are chosen, never their weights.
         self.register_buffer("bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        self.load: torch.Tensor | None = None  # tokens routed to each expert, while tracking
+
+    def track_load(self, enabled: bool = True) -> None:
+        self.load = torch.zeros(self.n_experts, dtype=torch.long, device=self.bias.device) if enabled else None
+
+    @torch.no_grad()
+    def balance_bias(self, step: float) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing: move each expert's bias by `step` toward
+        balance (down if it got more than the mean load, up if less), then start counting again."""
+        if self.load is not None and self.load.sum() > 0:
+            self.bias += step * torch.sign(self.load.float().mean() - self.load.float())
+            self.load.zero_()
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] → affinities [N, E] in fp32."""
@@ -40,6 +52,8 @@ class Router(torch.nn.Module):
         choice = scores + self.bias if self.method == "noaux_tc" else scores
         choice = self.mask_groups(choice)
         ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        if self.load is not None:
+            self.load += torch.bincount(ids.flatten(), minlength=self.n_experts)
         return self.weights_of(scores, ids), ids
 
     def mask_groups(self, choice: torch.Tensor) -> torch.Tensor:

@@ -4,22 +4,12 @@ tokenizer.json trained with `tokenizers`, tokenizer_config.json with a Jinja cha
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 from engine.model.checkpoint import save_model
 from engine.model.config import parse_config
 from engine.model.transformer import Transformer
-
-SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
-REASONING_TOKENS = ["<think>", "</think>"]  # added as ordinary (non-special) tokens: they stay in the text
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role: ' ~ m['role']) }}{% endif %}"
-    "<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+from engine.train.tokenizer_train import train_bpe, write_tokenizer_files
 
 
 def tiny_config(vocab_size: int = 512, **overrides) -> dict:
@@ -40,33 +30,13 @@ def tiny_config(vocab_size: int = 512, **overrides) -> dict:
     return d
 
 
-def train_tiny_tokenizer(vocab_size: int):
-    """Byte-level BPE on a little standard-library source: deterministic for a Python version."""
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """A small byte-level BPE on a little standard-library source: deterministic for a Python version."""
     import json as json_mod
     import textwrap
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(REASONING_TOKENS), special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = [inspect.getsource(m) for m in (json_mod, textwrap)]
-    tok.train_from_iterator(corpus, trainer)
-    tok.add_tokens(REASONING_TOKENS)
-    return tok
-
-
-def write_tokenizer(out: Path, vocab_size: int) -> None:
-    tok = train_tiny_tokenizer(vocab_size)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-        "add_bos_token": True, "chat_template": CHAT_TEMPLATE, "model_max_length": 512,
-    }, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False}, indent=2) + "\n")
+    tok = train_bpe([inspect.getsource(m) for m in (json_mod, textwrap)], vocab_size)
+    write_tokenizer_files(tok, out, max_length=512)
 
 
 def write_tiny_model(out: str | Path, seed: int = 0, std: float = 0.1, with_tokenizer: bool = True,

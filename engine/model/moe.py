@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from engine.model.config import ModelConfig
 from engine.routing import Router
 
-# Up to this many (token, expert) pairs the chosen experts' weights are gathered and applied in one
-# batched product (decode); above it tokens are sorted by expert and each expert runs once (prefill,
-# verification).
+# On the GPU, up to this many (token, expert) pairs gather the chosen experts' weights and apply them
+# in one batched product (decode, no host synchronisation); otherwise, and always on the CPU, tokens
+# are sorted by expert and each chosen expert runs once on its rows (on the CPU a gather would copy
+# the weights it reads, several times slower than reading them in place).
 GATHER_MAX_PAIRS = 16
 
 
@@ -37,7 +38,7 @@ class Experts(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, H], weights/ids [N, k] → Σ_k weight · expert_k(x) [N, H]."""
-        if ids.numel() <= GATHER_MAX_PAIRS:
+        if x.is_cuda and ids.numel() <= GATHER_MAX_PAIRS:
             return self.forward_gathered(x, weights, ids)
         return self.forward_grouped(x, weights, ids)
 
