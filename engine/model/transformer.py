@@ -84,6 +84,20 @@ class Transformer(torch.nn.Module):
             total += (c.latent[0, 0].numel() + c.rope_key[0, 0].numel()) * c.latent.element_size()
         return total
 
+    def param_counts(self) -> dict:
+        """Total parameters (MTP modules apart) and those the main model uses for one token: routed
+        experts beyond the chosen top-k and the embedding table (a lookup, not a product) excluded."""
+        cfg = self.cfg
+        main = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("mtp."))
+        mtp = sum(p.numel() for n, p in self.named_parameters() if n.startswith("mtp."))
+        idle = self.embed.weight.numel()
+        for block in self.layers:
+            experts = getattr(block.ffn, "experts", None)
+            if experts is not None:
+                per_expert = experts.gate_up[0].numel() + experts.down[0].numel()
+                idle += per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
+        return {"total": main + mtp, "main": main, "mtp": mtp, "active_per_token": main - idle}
+
     def forward(self, tokens: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
         """tokens [B, T] → final-normed hidden states [B, T, H].
 

@@ -40,20 +40,6 @@ def default_config(layers: int = 12, hidden: int = 192, moe_inter: int = 128, vo
     }
 
 
-def param_counts(model: Transformer) -> dict:
-    """Total parameters, MTP included separately, and those active for one token of the main model."""
-    cfg = model.cfg
-    main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
-    mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
-    inactive = 0
-    for block in model.layers:
-        experts = getattr(block.ffn, "experts", None)
-        if experts is not None:
-            per_expert = experts.gate_up[0].numel() + experts.down[0].numel()
-            inactive += per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
-    return {"total": main + mtp, "main": main, "mtp": mtp, "active_per_token": main - inactive - cfg.vocab_size * cfg.hidden_size}
-
-
 def _median_time(fn, repeat: int = 15) -> float:
     fn()
     times = []
@@ -119,7 +105,7 @@ def main() -> None:
         model = Transformer(cfg, n_mtp=cfg.num_nextn_predict_layers)
         model.init_weights(seed=0, std=0.02)
         costs = decode_costs(model)
-        row = {"shape": shape, "params": param_counts(model), "decode": {k: round(v, 3) for k, v in costs.items()},
+        row = {"shape": shape, "params": model.param_counts(), "decode": {k: round(v, 3) for k, v in costs.items()},
                "predicted_speedup_at": {"acceptance": acceptance, "k": predicted_speedup(costs, acceptance)},
                "train_tokens_per_s": round(train_throughput(model))}
         print(json.dumps(row), flush=True)

@@ -19,7 +19,6 @@ from engine.model.transformer import Transformer
 from engine.pretrained import Pretrained, load_pretrained
 from engine.sampling import SamplingParams
 from engine.speculative import SpeculativeConfig
-from engine.train.architecture import param_counts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
@@ -85,7 +84,7 @@ def export_default(model: Transformer, work: Path, out: Path, meta: dict, settin
     figures = measure(pre, work)
     figures["measure_s"] = time.perf_counter() - t0
     logs = {stage: _last_log(work / f"{stage}_log.jsonl") for stage in ("pretrain", "distill")}
-    info = {"name": out.name, "params": param_counts(pre.model), "corpus": meta["corpus"],
+    info = {"name": out.name, "params": pre.model.param_counts(), "corpus": meta["corpus"],
             "train_tokens": meta["train_tokens"], "held_out_tokens": meta["held_out_tokens"],
             "settings": vars(settings) if hasattr(settings, "__dict__") else settings, "last_log": logs,
             "build_wall_s": wall_s, "machine": {"cpu": platform.processor() or platform.machine(),
