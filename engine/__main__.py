@@ -12,7 +12,8 @@ DEFAULT_TINY_DIR = Path(__file__).resolve().parent.parent / ".cache" / "tiny-mod
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
+    p.add_argument("--model", default=None,
+                   help="model folder (config.json + safetensors); default: the bundled model")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
 
@@ -170,12 +171,22 @@ def cmd_init_tiny(args) -> int:
     return 0
 
 
+def default_model(args) -> None:
+    if getattr(args, "model", "") is None:
+        from engine.pretrained import BUNDLED_MODEL
+        if not (BUNDLED_MODEL / "config.json").is_file():
+            raise FileNotFoundError(f"no --model given and the bundled model is missing ({BUNDLED_MODEL}); "
+                                    "build it with `python -m engine train-default`")
+        args.model = str(BUNDLED_MODEL)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from engine.model.errors import ModelLoadError
     from engine.tokenizer import ChatTemplateError
 
     try:
+        default_model(args)
         return {"generate": cmd_generate, "eval": cmd_eval, "bench": cmd_bench,
                 "train-default": cmd_train_default, "init-tiny": cmd_init_tiny}[args.command](args)
     except (ModelLoadError, ChatTemplateError, ValueError, FileNotFoundError) as e:

@@ -10,6 +10,9 @@ from engine.model.config import ModelConfig
 from engine.model.transformer import Transformer
 from engine.tokenizer import Tokenizer
 
+# The default model trained by `python -m engine train-default` and shipped in the repository.
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "moedesk-mini"
+
 
 @dataclass
 class Pretrained:
