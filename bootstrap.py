@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Set up .venv with what is missing, then run moedesk. Standard library only.
 
-    python3 bootstrap.py app     # install what is missing, start moedesk (for now: the engine's
-                                 # generate command on a small test model)
+    python3 bootstrap.py app     # install what is missing, start moedesk on the bundled model
     python3 bootstrap.py test    # install what is missing, run the whole test suite
     python3 bootstrap.py setup   # only install
 
@@ -26,6 +25,7 @@ PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".moedesk-installed"
 TORCH = os.environ.get("MOEDESK_TORCH", "torch==2.13.0")
 EXTRAS = {"app": "", "test": "[test]", "setup": "[test]"}
+QT_TEST_ENV = {"QT_QPA_PLATFORM": "offscreen"}  # the GUI tests run without a screen
 
 
 def run(cmd: list[str], **kw) -> int:
@@ -67,15 +67,9 @@ def main(argv: list[str]) -> int:
     install(EXTRAS[command])
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if command == "test":
-        return run([PY, "-m", "pytest", "-q", *argv[1:]], env=env)
+        return run([PY, "-m", "pytest", "-q", *argv[1:]], env=dict(env, **QT_TEST_ENV))
     if command == "app":
-        # Until the desktop app and the bundled model land: the engine's generate command on a
-        # small random-weight test model (its replies are gibberish; the pipeline is real).
-        tiny = ROOT / ".cache" / "tiny-model"
-        if not (tiny / "model.safetensors").exists():
-            run([PY, "-m", "engine", "init-tiny", "--out", tiny], env=env)
-        return run([PY, "-m", "engine", "generate", "--model", tiny, "--chat", "Hello! What can you do?",
-                    "--max-tokens", "48", *argv[1:]], env=env)
+        return run([PY, "-m", "desktop", *argv[1:]], env=env)
     return 0
 
 

@@ -20,9 +20,9 @@ MAX_LINE_BYTES = 8 * 2**20
 class ProtocolError(Exception):
     """A line that is not a valid request or event. `code` is stable; `message` is for people."""
 
-    def __init__(self, code: str, message: str, id: str | None = None):
+    def __init__(self, code: str, message: str, id: str | None = None, kind: str | None = None):
         super().__init__(message)
-        self.code, self.message, self.id = code, message, id
+        self.code, self.message, self.id, self.kind = code, message, id, kind
 
 
 def choice(*values) -> dict:
@@ -292,6 +292,7 @@ def _parse(line: str | bytes, table: dict) -> Message:
         return table[kind].from_dict(d)
     except ProtocolError as e:
         e.id = e.id or _id_of(d)  # errors in nested objects still name the request
+        e.kind = kind
         raise
 
 

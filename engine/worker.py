@@ -72,6 +72,8 @@ class Worker:
             request = parse_request(line)
         except ProtocolError as e:
             self.emit(Error(code=e.code, message=e.message, id=e.id))
+            if e.id is not None and e.kind == "generate":
+                self.emit(Done(id=e.id, finish_reason="error", text=""))
             return True
         return self.handle(request)
 
@@ -89,13 +91,12 @@ class Worker:
             self.stop_job()
             return False
         elif self.busy():
-            self.emit(Error(code="busy", message="the worker is busy with another request; wait or cancel it",
-                            id=getattr(req, "id", None)))
+            self.reject(req, "busy", "the worker is busy with another request; wait or cancel it")
         elif isinstance(req, Load):
             self.start_job(self.do_load, req)
         elif isinstance(req, Generate):
             if self.backend is None:
-                self.emit(Error(code="not_loaded", message="load a model first", id=req.id))
+                self.reject(req, "not_loaded", "load a model first")
             else:
                 self.job_id = req.id
                 self.start_job(self.do_generate, req)
@@ -105,6 +106,13 @@ class Worker:
                 self.backend = None
             self.emit(Unloaded())
         return True
+
+    def reject(self, req: Message, code: str, message: str) -> None:
+        """Refuse a request; a refused generate is still closed by its `done`, as every generate is."""
+        rid = getattr(req, "id", None)
+        self.emit(Error(code=code, message=message, id=rid))
+        if isinstance(req, Generate):
+            self.emit(Done(id=req.id, finish_reason="error", text=""))
 
     def busy(self) -> bool:
         return self.running.is_set()

@@ -91,10 +91,12 @@ def test_cancel_ping_and_busy_while_generating(client, endless):
     client.send(chat("second", "Me too"))
     client.send(Ping())
     events = []
-    while len([e for e in events if e.type in ("pong", "error")]) < 2:
+    while len([e for e in events if e.type in ("pong", "error") or (e.type == "done" and e.id == "second")]) < 3:
         events.append(client.next_event(10))
     busy = next(e for e in events if isinstance(e, Error))
     assert busy.code == "busy" and busy.id == "second"
+    refused = next(e for e in events if isinstance(e, Done))
+    assert refused.id == "second" and refused.finish_reason == "error"
     assert any(e.type == "pong" for e in events)
     client.send(Cancel(id="long"))
     after = []
@@ -116,8 +118,12 @@ def test_bad_requests_get_error_events_and_the_worker_keeps_serving(client, tiny
         client.send(line)
         ev = client.next_event(10)
         assert isinstance(ev, Error) and ev.code in ("bad_json", "unknown_type", "bad_request"), (line, ev)
+        if '"generate"' in line:  # a refused generate is still closed by its done
+            done = client.next_event(10)
+            assert isinstance(done, Done) and done.id == "x" and done.finish_reason == "error"
     client.send(chat("early", "hi"))
     assert client.next_event(10).code == "not_loaded"
+    assert client.next_event(10).finish_reason == "error"
     client.send(Load(path=str(tmp_path / "nowhere")))
     assert client.wait_for("loaded", 60).code == "not_found"
     broken = write_tiny_model(tmp_path / "broken", with_tokenizer=False)

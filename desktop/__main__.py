@@ -1,0 +1,64 @@
+"""`python -m desktop [--model PATH] [--screenshot FILE]`: the moedesk window."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+
+def sample_conversation(store) -> str:
+    """A short chat for the screenshot of an empty database (written to a throwaway database)."""
+    store.create_conversation("Explain asyncio.gather")
+    cid = store.create_conversation("What does json.dumps do?")
+    u = store.add_message(cid, "user", "What does `json.dumps` do?")
+    text = ("`json.dumps(obj, *, skipkeys=False, ensure_ascii=True, indent=None, ...)`\n\n"
+            "Serialize ``obj`` to a JSON formatted ``str``.\n\n```python\nimport json\n"
+            "print(json.dumps({\"a\": 1}, indent=2))  # pretty-printed\n```")
+    a = store.add_message(cid, "assistant", "", parent=u, model="moedesk-mini")
+    store.finish_message(a, text, "complete", {"time_to_first_token_s": 0.04, "decode_tokens_per_s": 61.3,
+                                               "generated_tokens": 58, "acceptance_rate": 0.71,
+                                               "mean_accepted_length": 2.4})
+    return cid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m desktop", description="moedesk")
+    parser.add_argument("--model", default=None, help="model folder or .gguf file to load")
+    parser.add_argument("--screenshot", default=None, help="render the main window to this PNG and exit")
+    args = parser.parse_args(argv)
+
+    from PySide6.QtWidgets import QApplication
+
+    from desktop.chat import ChatSession
+    from desktop.main_window import MainWindow
+    from desktop.store import Store
+
+    app = QApplication(sys.argv[:1])
+    app.setApplicationName("moedesk")
+    store = Store()
+    if args.screenshot:
+        if store.conversations():
+            show = store.conversations()[0]["id"]
+        else:  # show a sample, without writing it into the user's database
+            store = Store(Path(tempfile.mkdtemp()) / "sample.db")
+            show = sample_conversation(store)
+        session = ChatSession(store)
+        window = MainWindow(session)
+        window.resize(1240, 780)
+        session.open_conversation(show)
+        window.show()
+        for _ in range(20):
+            app.processEvents()
+        ok = window.grab().save(args.screenshot)
+        print(args.screenshot if ok else "could not write the screenshot", file=sys.stderr)
+        return 0 if ok else 1
+    session = ChatSession(store)
+    window = MainWindow(session)
+    window.show()
+    session.start(args.model)
+    return app.exec()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

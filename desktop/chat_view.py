@@ -1,0 +1,203 @@
+"""The conversation view and the composer. They display and emit; ChatSession decides."""
+from __future__ import annotations
+
+import re
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtGui import QColor, QFont, QGuiApplication, QSyntaxHighlighter, QTextCharFormat, QTextCursor, QTextDocument, QTextFormat
+from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QPlainTextEdit, QPushButton, QScrollArea, QSizePolicy,
+                               QTextBrowser, QVBoxLayout, QWidget)
+
+MARKDOWN = QTextDocument.MarkdownDialectGitHub | QTextDocument.MarkdownNoHTML  # model output is never live HTML
+FENCE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+PY_KEYWORDS = r"\b(def|class|return|import|from|as|if|elif|else|for|while|try|except|finally|with|yield|lambda|None|True|False|and|or|not|in|is|pass|raise|async|await)\b"
+
+
+class CodeHighlighter(QSyntaxHighlighter):
+    """Colours keywords, strings, numbers and comments inside fenced code blocks only."""
+
+    RULES = [(PY_KEYWORDS, "#c678dd"), (r"\b\d+(\.\d+)?\b", "#d19a66"), (r"(\"[^\"]*\"|'[^']*')", "#98c379"),
+             (r"#.*$", "#7f848e")]
+
+    def __init__(self, doc: QTextDocument):
+        super().__init__(doc)
+        self.rules = []
+        for pattern, color in self.RULES:
+            fmt = QTextCharFormat()
+            fmt.setForeground(QColor(color))
+            self.rules.append((re.compile(pattern), fmt))
+
+    def highlightBlock(self, text: str) -> None:
+        if not self.currentBlock().blockFormat().hasProperty(QTextFormat.BlockCodeFence):
+            return
+        for rx, fmt in self.rules:
+            for m in rx.finditer(text):
+                self.setFormat(m.start(), m.end() - m.start(), fmt)
+
+
+def stats_line(stats: dict) -> str:
+    """What users compare, under each reply."""
+    parts = []
+    if stats.get("time_to_first_token_s") is not None:
+        parts.append(f"first token {stats['time_to_first_token_s']:.2f} s")
+    if stats.get("decode_tokens_per_s"):
+        parts.append(f"{stats['decode_tokens_per_s']:.1f} tok/s")
+    if stats.get("generated_tokens") is not None:
+        parts.append(f"{stats['generated_tokens']} tokens")
+    if stats.get("acceptance_rate") is not None:
+        parts.append(f"acceptance {100 * stats['acceptance_rate']:.0f}%")
+    if stats.get("mean_accepted_length"):
+        parts.append(f"{stats['mean_accepted_length']:.2f} tokens/step")
+    return " · ".join(parts)
+
+
+class MessageWidget(QFrame):
+    sig_copy = Signal(str)
+    sig_regenerate = Signal(str)
+    sig_edit = Signal(str)
+    sig_version = Signal(str, int)
+
+    def __init__(self, message: dict, version: tuple[int, int], color_accepted: bool, parent=None):
+        super().__init__(parent)
+        self.message = message
+        self.color_accepted = color_accepted
+        self.setObjectName("assistantMessage" if message["role"] == "assistant" else "userMessage")
+        self.setFrameShape(QFrame.StyledPanel)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(10, 6, 10, 6)
+        head = QHBoxLayout()
+        role = QLabel(f"<b>{'You' if message['role'] == 'user' else 'Assistant'}</b>")
+        head.addWidget(role)
+        if message.get("status") not in (None, "complete"):
+            badge = QLabel(message["status"])
+            badge.setObjectName("statusBadge")
+            badge.setAccessibleName(f"status {message['status']}")
+            head.addWidget(badge)
+        head.addStretch(1)
+        i, n = version
+        if n > 1:
+            self._button(head, "‹", "previous version", lambda: self.sig_version.emit(message["id"], -1))
+            head.addWidget(QLabel(f"{i + 1}/{n}"))
+            self._button(head, "›", "next version", lambda: self.sig_version.emit(message["id"], +1))
+        self._button(head, "Copy", "copy message", lambda: self.sig_copy.emit(self.message["content"]))
+        if FENCE.search(message["content"] or ""):
+            self._button(head, "Copy code", "copy the code block",
+                         lambda: self.sig_copy.emit(FENCE.findall(self.message["content"])[-1]))
+        if message["role"] == "assistant":
+            self._button(head, "Regenerate", "regenerate this reply", lambda: self.sig_regenerate.emit(message["id"]))
+        else:
+            self._button(head, "Edit", "edit and resend", lambda: self.sig_edit.emit(message["id"]))
+        lay.addLayout(head)
+        self.body = QTextBrowser()
+        self.body.setOpenLinks(False)
+        self.body.setFrameShape(QFrame.NoFrame)
+        self.body.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.body.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.body.setAccessibleName(f"{message['role']} message text")
+        self.highlighter = CodeHighlighter(self.body.document())
+        lay.addWidget(self.body)
+        self.stats = QLabel(stats_line(message.get("stats") or {}))
+        self.stats.setObjectName("statsLine")
+        self.stats.setAccessibleName("reply statistics")
+        if message["role"] == "assistant":
+            lay.addWidget(self.stats)
+        self.set_text(message["content"], (message.get("stats") or {}).get("accepted_spans", []))
+
+    def _button(self, layout, text, name, slot) -> None:
+        b = QPushButton(text)
+        b.setFlat(True)
+        b.setAccessibleName(name)
+        b.setToolTip(name)
+        b.clicked.connect(slot)
+        layout.addWidget(b)
+
+    def set_text(self, text: str, accepted_spans=()) -> None:
+        self.message["content"] = text
+        if self.color_accepted and accepted_spans:
+            self.body.setPlainText(text)  # token colouring works on the raw text
+            cur = QTextCursor(self.body.document())
+            fmt = QTextCharFormat()
+            fmt.setBackground(QColor(120, 200, 120, 90))
+            for a, b in accepted_spans:
+                cur.setPosition(a)
+                cur.setPosition(min(b, len(text)), QTextCursor.KeepAnchor)
+                cur.mergeCharFormat(fmt)
+        else:
+            self.body.document().setMarkdown(text or "…", MARKDOWN)
+        self.fit_height()
+
+    def fit_height(self) -> None:
+        doc = self.body.document()
+        doc.setTextWidth(max(200, self.body.viewport().width()))
+        self.body.setFixedHeight(int(doc.size().height()) + 8)
+
+    def resizeEvent(self, e) -> None:
+        super().resizeEvent(e)
+        self.fit_height()
+
+
+class ChatView(QScrollArea):
+    """The active branch of a conversation, one MessageWidget per message."""
+    sig_regenerate = Signal(str)
+    sig_edit = Signal(str)
+    sig_version = Signal(str, int)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setWidgetResizable(True)
+        self.setAccessibleName("conversation")
+        self.inner = QWidget()
+        self.column = QVBoxLayout(self.inner)
+        self.column.addStretch(1)
+        self.setWidget(self.inner)
+        self.widgets: dict[str, MessageWidget] = {}
+
+    def show_thread(self, messages: list[dict], versions, color_accepted: bool) -> None:
+        while self.column.count() > 1:
+            item = self.column.takeAt(0)
+            if item.widget():
+                item.widget().deleteLater()
+        self.widgets = {}
+        for m in messages:
+            w = MessageWidget(dict(m), versions(m["id"]), color_accepted)
+            w.sig_copy.connect(lambda text: QGuiApplication.clipboard().setText(text))
+            w.sig_regenerate.connect(self.sig_regenerate)
+            w.sig_edit.connect(self.sig_edit)
+            w.sig_version.connect(self.sig_version)
+            self.column.insertWidget(self.column.count() - 1, w)
+            self.widgets[m["id"]] = w
+        QTimer.singleShot(0, self.scroll_to_end)
+
+    def update_message(self, mid: str, text: str, spans) -> None:
+        w = self.widgets.get(mid)
+        if w is not None:
+            at_end = self.verticalScrollBar().value() >= self.verticalScrollBar().maximum() - 40
+            w.set_text(text, spans)
+            if at_end:
+                QTimer.singleShot(0, self.scroll_to_end)
+
+    def scroll_to_end(self) -> None:
+        self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
+
+    def text_of(self, mid: str) -> str:
+        w = self.widgets.get(mid)
+        return w.body.toPlainText() if w else ""
+
+
+class Composer(QPlainTextEdit):
+    """Enter sends, Shift+Enter starts a new line."""
+    sig_submit = Signal(str)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setPlaceholderText("Message the model — Enter to send, Shift+Enter for a new line, Esc to stop")
+        self.setAccessibleName("message input")
+        self.setFixedHeight(84)
+
+    def keyPressEvent(self, e) -> None:
+        if e.key() in (Qt.Key_Return, Qt.Key_Enter) and not (e.modifiers() & Qt.ShiftModifier):
+            text = self.toPlainText()
+            if text.strip():
+                self.sig_submit.emit(text)
+            return
+        super().keyPressEvent(e)

@@ -1,0 +1,104 @@
+"""Speculation off vs on, side by side, with a tokens-over-time chart; and the history of speedups."""
+from __future__ import annotations
+
+from PySide6.QtCharts import QChart, QChartView, QDateTimeAxis, QLineSeries, QScatterSeries, QValueAxis
+from PySide6.QtCore import QDateTime, QPointF, Qt
+from PySide6.QtGui import QPainter
+from PySide6.QtWidgets import QDialog, QGridLayout, QLabel, QTextBrowser, QVBoxLayout
+
+from desktop.chat_view import stats_line
+
+
+def tokens_chart(runs: dict[str, list]) -> QChartView:
+    chart = QChart()
+    chart.setTitle("Tokens over time")
+    x, y = QValueAxis(), QValueAxis()
+    x.setTitleText("seconds")
+    y.setTitleText("tokens")
+    chart.addAxis(x, Qt.AlignBottom)
+    chart.addAxis(y, Qt.AlignLeft)
+    xmax = ymax = 1.0
+    for name, timeline in runs.items():
+        s = QLineSeries()
+        s.setName(name)
+        s.append(QPointF(0, 0))
+        for t, n in timeline:
+            s.append(QPointF(t, n))
+            xmax, ymax = max(xmax, t), max(ymax, n)
+        chart.addSeries(s)
+        s.attachAxis(x)
+        s.attachAxis(y)
+    x.setRange(0, xmax * 1.05)
+    y.setRange(0, ymax * 1.05)
+    view = QChartView(chart)
+    view.setRenderHint(QPainter.Antialiasing)
+    view.setMinimumHeight(220)
+    view.setAccessibleName("tokens over time chart")
+    return view
+
+
+class CompareDialog(QDialog):
+    def __init__(self, result: dict, parent=None):
+        super().__init__(parent)
+        self.setWindowTitle("Speculation off vs on")
+        self.resize(980, 640)
+        off, on = result["off"], result["on"]
+        lay = QVBoxLayout(self)
+        speed = result.get("speedup")
+        head = QLabel(f"<b>{result['model']}</b> — speedup with MTP speculation: "
+                      f"<b>{speed:.2f}×</b>" if speed else f"<b>{result['model']}</b>")
+        head.setAccessibleName("speedup")
+        lay.addWidget(head)
+        same = QLabel("Identical text: yes" if result["identical"] else
+                      "Identical text: no (expected only with temperature > 0)")
+        same.setObjectName("identicalLabel")
+        lay.addWidget(same)
+        grid = QGridLayout()
+        for col, (name, run) in enumerate((("Speculation off", off), ("MTP speculation", on))):
+            grid.addWidget(QLabel(f"<b>{name}</b>"), 0, col)
+            text = QTextBrowser()
+            text.setPlainText(run["text"])  # shown as text, never HTML
+            text.setAccessibleName(f"{name} reply")
+            grid.addWidget(text, 1, col)
+            grid.addWidget(QLabel(stats_line(run["stats"]) or "-"), 2, col)
+        lay.addLayout(grid)
+        lay.addWidget(tokens_chart({"off": off.get("timeline", []), "MTP": on.get("timeline", [])}))
+
+
+class HistoryDialog(QDialog):
+    """Past comparisons' speedups over time, one series per model."""
+
+    def __init__(self, comparisons: list[dict], parent=None):
+        super().__init__(parent)
+        self.setWindowTitle("Speedup history")
+        self.resize(760, 420)
+        lay = QVBoxLayout(self)
+        chart = QChart()
+        chart.setTitle("MTP speedup per comparison")
+        x, y = QDateTimeAxis(), QValueAxis()
+        x.setFormat("MMM d hh:mm")
+        y.setTitleText("speedup ×")
+        chart.addAxis(x, Qt.AlignBottom)
+        chart.addAxis(y, Qt.AlignLeft)
+        by_model: dict[str, list] = {}
+        for c in comparisons:
+            if c.get("speedup"):
+                by_model.setdefault(c["model"], []).append((c["created_at"] * 1000, c["speedup"]))
+        lo, hi, tmin, tmax = 0.0, 2.0, None, None
+        for model, points in by_model.items():
+            s = QScatterSeries()
+            s.setName(model)
+            for t, v in points:
+                s.append(QPointF(t, v))
+                hi = max(hi, v * 1.1)
+                tmin, tmax = min(tmin or t, t), max(tmax or t, t)
+            chart.addSeries(s)
+            s.attachAxis(x)
+            s.attachAxis(y)
+        y.setRange(lo, hi)
+        if tmin is not None:
+            x.setRange(QDateTime.fromMSecsSinceEpoch(int(tmin - 60_000)), QDateTime.fromMSecsSinceEpoch(int(tmax + 60_000)))
+        view = QChartView(chart)
+        view.setRenderHint(QPainter.Antialiasing)
+        lay.addWidget(QLabel(f"{len(comparisons)} comparisons saved"))
+        lay.addWidget(view)

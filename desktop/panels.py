@@ -1,0 +1,180 @@
+"""Side panels: conversations and search, generation settings with the model picker, expert load."""
+from __future__ import annotations
+
+from PySide6.QtCore import QRectF, Qt, Signal
+from PySide6.QtGui import QColor, QPainter
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+                               QListWidget, QListWidgetItem, QPlainTextEdit, QPushButton, QSpinBox, QVBoxLayout,
+                               QWidget)
+
+SPECULATION_CHOICES = [("Off", "off", "auto"), ("MTP, auto", "mtp", "auto"), ("MTP, k=1", "mtp", 1),
+                       ("MTP, k=2", "mtp", 2), ("MTP, k=3", "mtp", 3), ("MTP, k=4", "mtp", 4)]
+
+
+class Sidebar(QWidget):
+    sig_new = Signal()
+    sig_open = Signal(str)
+    sig_search = Signal(str)
+    sig_context = Signal(str, object)  # conversation id, global position
+    sig_import = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(6, 6, 6, 6)
+        row = QHBoxLayout()
+        self.new_button = QPushButton("New chat")
+        self.new_button.setAccessibleName("new chat")
+        self.new_button.clicked.connect(self.sig_new)
+        row.addWidget(self.new_button)
+        imp = QPushButton("Import…")
+        imp.setAccessibleName("import a conversation")
+        imp.clicked.connect(self.sig_import)
+        row.addWidget(imp)
+        lay.addLayout(row)
+        self.search = QLineEdit()
+        self.search.setPlaceholderText("Search all messages")
+        self.search.setAccessibleName("search messages")
+        self.search.setClearButtonEnabled(True)
+        self.search.textChanged.connect(self.sig_search)
+        lay.addWidget(self.search)
+        self.list = QListWidget()
+        self.list.setAccessibleName("conversations")
+        self.list.setContextMenuPolicy(Qt.CustomContextMenu)
+        self.list.itemActivated.connect(lambda it: self.sig_open.emit(it.data(Qt.UserRole)))
+        self.list.itemClicked.connect(lambda it: self.sig_open.emit(it.data(Qt.UserRole)))
+        self.list.customContextMenuRequested.connect(self._context)
+        lay.addWidget(self.list)
+
+    def show_items(self, items: list[tuple[str, str, str]], current: str | None) -> None:
+        """items: (conversation id, title, tooltip)."""
+        self.list.blockSignals(True)
+        self.list.clear()
+        for cid, title, tip in items:
+            it = QListWidgetItem(title)
+            it.setData(Qt.UserRole, cid)
+            it.setToolTip(tip)
+            self.list.addItem(it)
+            if cid == current:
+                self.list.setCurrentItem(it)
+        self.list.blockSignals(False)
+
+    def _context(self, pos) -> None:
+        it = self.list.itemAt(pos)
+        if it is not None:
+            self.sig_context.emit(it.data(Qt.UserRole), self.list.mapToGlobal(pos))
+
+
+class SettingsPanel(QWidget):
+    sig_changed = Signal()
+    sig_model_chosen = Signal(str)  # a path, or "" to open a file dialog
+    sig_compare = Signal()
+    sig_history = Signal()
+
+    def __init__(self, settings, parent=None):
+        super().__init__(parent)
+        outer = QVBoxLayout(self)
+        form = QFormLayout()
+        outer.addLayout(form)
+        outer.addStretch(1)
+        self.model = QComboBox()
+        self.model.setAccessibleName("model")
+        self.model.activated.connect(self._model_activated)
+        form.addRow("Model", self.model)
+        self.system = QPlainTextEdit(settings.system_prompt)
+        self.system.setAccessibleName("system prompt")
+        self.system.setFixedHeight(70)
+        self.system.textChanged.connect(self.sig_changed)
+        form.addRow("System prompt", self.system)
+        self.temperature = self._spin(QDoubleSpinBox(), 0, 2, settings.temperature, "temperature", 0.1)
+        form.addRow("Temperature", self.temperature)
+        self.top_p = self._spin(QDoubleSpinBox(), 0.01, 1, settings.top_p, "top p", 0.05)
+        form.addRow("Top-p", self.top_p)
+        self.max_tokens = self._spin(QSpinBox(), 1, 32768, settings.max_tokens, "maximum tokens", 64)
+        form.addRow("Max tokens", self.max_tokens)
+        self.seed = self._spin(QSpinBox(), 0, 2**31 - 1, settings.seed, "seed", 1)
+        form.addRow("Seed", self.seed)
+        self.speculation = QComboBox()
+        self.speculation.setAccessibleName("speculative decoding")
+        for label, mode, k in SPECULATION_CHOICES:
+            self.speculation.addItem(label, (mode, k))
+        current = next((i for i, (_, m, k) in enumerate(SPECULATION_CHOICES)
+                        if m == settings.speculative and (m == "off" or k == settings.k)), 1)
+        self.speculation.setCurrentIndex(current)
+        self.speculation.currentIndexChanged.connect(self.sig_changed)
+        form.addRow("Speculation", self.speculation)
+        self.color = QCheckBox("Colour tokens from accepted drafts")
+        self.color.setAccessibleName("colour accepted draft tokens")
+        self.color.setChecked(settings.color_accepted)
+        self.color.toggled.connect(self.sig_changed)
+        form.addRow(self.color)
+        self.compare_button = QPushButton("Compare speed: speculation off vs on")
+        self.compare_button.setAccessibleName("compare speed with speculation off and on")
+        self.compare_button.clicked.connect(self.sig_compare)
+        form.addRow(self.compare_button)
+        history = QPushButton("Comparison history…")
+        history.setAccessibleName("comparison history")
+        history.clicked.connect(self.sig_history)
+        form.addRow(history)
+
+    def _spin(self, w, lo, hi, value, name, step):
+        w.setRange(lo, hi)
+        w.setSingleStep(step)
+        w.setValue(value)
+        w.setAccessibleName(name)
+        w.valueChanged.connect(self.sig_changed)
+        return w
+
+    def apply_to(self, s) -> None:
+        s.system_prompt = self.system.toPlainText()
+        s.temperature, s.top_p = self.temperature.value(), self.top_p.value()
+        s.max_tokens, s.seed = self.max_tokens.value(), self.seed.value()
+        s.speculative, s.k = self.speculation.currentData()
+        s.color_accepted = self.color.isChecked()
+
+    def show_models(self, paths: list[str], current: str | None) -> None:
+        self.model.blockSignals(True)
+        self.model.clear()
+        for p in paths:
+            self.model.addItem(p.rstrip("/").split("/")[-1], p)
+            self.model.setItemData(self.model.count() - 1, p, Qt.ToolTipRole)
+        self.model.addItem("Open model folder or .gguf file…", "")
+        if current in paths:
+            self.model.setCurrentIndex(paths.index(current))
+        self.model.blockSignals(False)
+
+    def _model_activated(self, index: int) -> None:
+        self.sig_model_chosen.emit(self.model.itemData(index))
+
+
+class ExpertLoadView(QWidget):
+    """A heatmap: one row per MoE layer, one column per expert, shade = tokens routed there."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.load: list[list[int]] = []
+        self.setMinimumHeight(140)
+        self.setAccessibleName("expert load per layer")
+
+    def show_load(self, load: list[list[int]]) -> None:
+        self.load = load or []
+        total = sum(map(sum, self.load))
+        self.setToolTip(f"{len(self.load)} MoE layers, {total} routed token choices in the last reply")
+        self.update()
+
+    def paintEvent(self, e) -> None:
+        p = QPainter(self)
+        p.fillRect(self.rect(), self.palette().base())
+        if not self.load:
+            p.drawText(self.rect(), Qt.AlignCenter, "Expert load appears after a reply")
+            return
+        rows, cols = len(self.load), max(len(r) for r in self.load)
+        left, top = 28, 4
+        cw, ch = (self.width() - left - 4) / cols, (self.height() - top - 4) / rows
+        peak = max(max(r) for r in self.load) or 1
+        for i, row in enumerate(self.load):
+            p.drawText(QRectF(0, top + i * ch, left - 4, ch), Qt.AlignRight | Qt.AlignVCenter, str(i + 1))
+            for j, v in enumerate(row):
+                shade = int(255 * v / peak)
+                p.fillRect(QRectF(left + j * cw, top + i * ch, cw - 1, ch - 1), QColor(255 - shade // 2, 240 - shade, 255 - shade // 3))
+        p.end()
