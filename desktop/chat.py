@@ -100,9 +100,7 @@ class ChatSession(QObject):
         self.repaint = QTimer(self)
         self.repaint.setInterval(REPAINT_MS)
         self.repaint.timeout.connect(self.flush_stream)
-        interrupted = store.mark_interrupted()
-        if interrupted:
-            self.sig_notice.emit("info", f"{interrupted} reply(s) cut off last time are marked interrupted.")
+        self.interrupted_at_start = store.mark_interrupted()  # replies a crash cut off; the window says so
 
     # ---- worker and model ----
 

@@ -65,6 +65,9 @@ class MainWindow(QMainWindow):
         self.refresh_conversations()
         self.refresh_models()
         self.on_busy(False)
+        if session.interrupted_at_start:
+            self.banner.show_notice("info", f"{session.interrupted_at_start} reply(s) were cut off when moedesk last "
+                                            "stopped; their text is kept and marked interrupted.")
 
     # ---- building ----
 
