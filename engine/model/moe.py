@@ -61,10 +61,19 @@ class Experts(torch.nn.Module):
 def grouped_swiglu(xs, counts, gate_up, down, inter):
     """Rows of xs grouped by expert (counts [E]) → each group through its expert's SwiGLU."""
     if xs.is_cuda and hasattr(F, "grouped_mm") and xs.dtype == torch.bfloat16:
-        # One grouped product per projection and no host synchronisation.
-        offs = counts.cumsum(0).to(torch.int32)
-        gate, up = F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs).split(inter, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+        return grouped_swiglu_mm(xs, counts, gate_up, down, inter)
+    return grouped_swiglu_loop(xs, counts, gate_up, down, inter)
+
+
+def grouped_swiglu_mm(xs, counts, gate_up, down, inter):
+    """One grouped product per projection and no host synchronisation (the GPU path)."""
+    offs = counts.cumsum(0).to(torch.int32)
+    gate, up = F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs).split(inter, dim=-1)
+    return F.grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+
+
+def grouped_swiglu_loop(xs, counts, gate_up, down, inter):
+    """Each chosen expert on its rows, one host read of the counts per layer (the CPU path)."""
     out = torch.empty(xs.shape[0], down.shape[1], dtype=xs.dtype, device=xs.device)
     start = 0
     for e, n in enumerate(counts.tolist()):  # one host read per layer; a loop over experts, not tokens
