@@ -9,25 +9,33 @@ from PySide6.QtWidgets import QDialog, QGridLayout, QLabel, QTextBrowser, QVBoxL
 from desktop.chat_view import stats_line
 
 
-def tokens_chart(runs: dict[str, list]) -> QChartView:
+def new_chart(title: str, x, y, x_title: str, y_title: str) -> QChart:
     chart = QChart()
-    chart.setTitle("Tokens over time")
-    x, y = QValueAxis(), QValueAxis()
-    x.setTitleText("seconds")
-    y.setTitleText("tokens")
+    chart.setTitle(title)
+    x.setTitleText(x_title)
+    y.setTitleText(y_title)
     chart.addAxis(x, Qt.AlignBottom)
     chart.addAxis(y, Qt.AlignLeft)
+    return chart
+
+
+def add_series(chart: QChart, series, name: str, points) -> None:
+    series.setName(name)
+    for p in points:
+        series.append(QPointF(*p))
+    chart.addSeries(series)
+    for axis in chart.axes():
+        series.attachAxis(axis)
+
+
+def tokens_chart(runs: dict[str, list]) -> QChartView:
+    x, y = QValueAxis(), QValueAxis()
+    chart = new_chart("Tokens over time", x, y, "seconds", "tokens")
     xmax = ymax = 1.0
     for name, timeline in runs.items():
-        s = QLineSeries()
-        s.setName(name)
-        s.append(QPointF(0, 0))
+        add_series(chart, QLineSeries(), name, [(0, 0), *timeline])
         for t, n in timeline:
-            s.append(QPointF(t, n))
             xmax, ymax = max(xmax, t), max(ymax, n)
-        chart.addSeries(s)
-        s.attachAxis(x)
-        s.attachAxis(y)
     x.setRange(0, xmax * 1.05)
     y.setRange(0, ymax * 1.05)
     view = QChartView(chart)
@@ -73,28 +81,19 @@ class HistoryDialog(QDialog):
         self.setWindowTitle("Speedup history")
         self.resize(760, 420)
         lay = QVBoxLayout(self)
-        chart = QChart()
-        chart.setTitle("MTP speedup per comparison")
         x, y = QDateTimeAxis(), QValueAxis()
         x.setFormat("MMM d hh:mm")
-        y.setTitleText("speedup ×")
-        chart.addAxis(x, Qt.AlignBottom)
-        chart.addAxis(y, Qt.AlignLeft)
+        chart = new_chart("MTP speedup per comparison", x, y, "when", "speedup ×")
         by_model: dict[str, list] = {}
         for c in comparisons:
             if c.get("speedup"):
                 by_model.setdefault(c["model"], []).append((c["created_at"] * 1000, c["speedup"]))
         lo, hi, tmin, tmax = 0.0, 2.0, None, None
         for model, points in by_model.items():
-            s = QScatterSeries()
-            s.setName(model)
+            add_series(chart, QScatterSeries(), model, points)
             for t, v in points:
-                s.append(QPointF(t, v))
                 hi = max(hi, v * 1.1)
                 tmin, tmax = min(tmin or t, t), max(tmax or t, t)
-            chart.addSeries(s)
-            s.attachAxis(x)
-            s.attachAxis(y)
         y.setRange(lo, hi)
         if tmin is not None:
             x.setRange(QDateTime.fromMSecsSinceEpoch(int(tmin - 60_000)), QDateTime.fromMSecsSinceEpoch(int(tmax + 60_000)))
