@@ -128,14 +128,17 @@ class DraftLength:
     probes k = 1 to refresh its estimates, waiting twice as long after each probe that changed
     nothing, so a model whose drafts never pay costs at most a few percent."""
 
-    EMA = 0.2  # weight of the newest observation
+    EMA = 0.2  # weight of the newest step-time observation
+    DECAY = 0.97  # acceptance counts fade so that the estimate follows the text being written
+    PRIOR = (0.8, 2.0)  # acceptance assumed before any evidence, and how many observations it weighs
     PROBE_FIRST, PROBE_MAX = 16, 256
     VERIFY_GROWTH = 0.05  # assumed extra verification cost per extra token, relative to a 1-token step
 
     def __init__(self, cfg: SpeculativeConfig):
         self.fixed = None if cfg.k == "auto" else int(cfg.k)
         self.k_max = cfg.max_drafts
-        self.alpha = [0.6] * self.k_max  # P(draft j accepted | drafts before it accepted)
+        self.accepted = [0.0] * self.k_max  # decayed counts per draft position
+        self.reached = [0.0] * self.k_max
         self.t_step: dict[int, float] = {}  # k → seconds per step
         self.t_draft: float | None = None  # seconds per drafted token (MTP passes incl. catch-up)
         self.plain_streak = 0
@@ -150,6 +153,17 @@ class DraftLength:
         known = max(j for j in self.t_step if j < k)
         per_draft = (self.t_draft or 0.0) + self.VERIFY_GROWTH * self.t_step[0]
         return self.t_step[known] + (k - known) * per_draft  # optimistic until measured
+
+    @property
+    def alpha(self) -> list[float]:
+        """P(draft j accepted | drafts before it accepted): decayed counts plus a prior; a position
+        never reached yet borrows the estimate of the one before it."""
+        prior, weight = self.PRIOR
+        out = []
+        for a, r in zip(self.accepted, self.reached):
+            base = out[-1] if out and r == 0 else prior
+            out.append((a + base * weight) / (r + weight))
+        return out
 
     def expected_time_per_token(self, k: int) -> float:
         tokens, run = 1.0, 1.0
@@ -182,7 +196,8 @@ class DraftLength:
         if k:
             self.t_draft = self._ema(self.t_draft, draft_s / k)
             for j in range(min(accepted + 1, k)):  # positions reached this step
-                self.alpha[j] = self._ema(self.alpha[j], 1.0 if j < accepted else 0.0)
+                self.reached[j] = self.DECAY * self.reached[j] + 1.0
+                self.accepted[j] = self.DECAY * self.accepted[j] + (j < accepted)
 
 
 _controllers: "weakref.WeakKeyDictionary[Transformer, dict]" = weakref.WeakKeyDictionary()

@@ -298,7 +298,9 @@ def distill(work: Path, model: Transformer, s: TrainSettings, budget_s: float) -
     if state.get("done"):
         return model.eval().requires_grad_(False)
     model.setup_caches(1, s.seq_len + 16)
+    t_gen = time.perf_counter()
     generated = distill_batches(work, model.eval(), s)
+    state.setdefault("generate_s", time.perf_counter() - t_gen)
     corpus = Batches(np.load(work / "train_ids.npy"), s.batch // 2, s.seq_len - 1, s.seed + 1)
     rng = random.Random(s.seed + state["step"])
     t_start, last_ckpt, step = time.perf_counter() - state["elapsed"], time.perf_counter(), state["step"]
@@ -347,12 +349,14 @@ def build(out: Path = DEFAULT_OUT, work: Path = DEFAULT_WORK, s: TrainSettings |
     s = s or TrainSettings()
     torch.manual_seed(s.seed)
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     meta = prepare_data(work)
     budget = s.minutes * 60
+    t0 = time.perf_counter()  # this run's data preparation is counted in the export's share
     model = load_stage(work, "distill", s)
     if model is None:
         model = load_stage(work, "pretrain", s) or pretrain(work, s, max(60.0, budget * (1 - s.distill_share) - 240))
         model = distill(work, model, s, budget * s.distill_share)
     from engine.train.export import export_default
-    return export_default(model, work, out, meta, s, time.perf_counter() - t0)
+    stage_s = sum(json.loads((work / f"{st}.json").read_text()).get("elapsed", 0.0) for st in ("pretrain", "distill"))
+    generate_s = json.loads((work / "distill.json").read_text()).get("generate_s", 0.0)
+    return export_default(model, work, out, meta, s, stage_s + generate_s + time.perf_counter() - t0)

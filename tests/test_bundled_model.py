@@ -1,0 +1,53 @@
+"""The model shipped in assets/: it loads, replies to a chat message, and agrees with transformers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.generate import generate
+from engine.pretrained import BUNDLED_MODEL, load_pretrained
+from engine.sampling import SamplingParams
+from engine.speculative import SpeculativeConfig
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    assert (BUNDLED_MODEL / "config.json").is_file(), "the bundled model is missing from assets/"
+    return load_pretrained(BUNDLED_MODEL, device="cpu")
+
+
+def test_files_and_size():
+    names = {p.name for p in BUNDLED_MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+            "MODEL_CARD.md"} <= names
+    assert sum(p.stat().st_size for p in BUNDLED_MODEL.iterdir()) <= 40 * 2**20
+    cfg = json.loads((BUNDLED_MODEL / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3" and cfg["num_nextn_predict_layers"] >= 2
+    assert cfg["n_routed_experts"] >= 8 and cfg["num_experts_per_tok"] == 2 and cfg["n_shared_experts"] >= 1
+    assert 1 < cfg["n_group"] and cfg["topk_group"] < cfg["n_group"]
+
+
+def test_replies_to_a_chat_message(bundled):
+    ids = bundled.encode_prompt(chat=[{"role": "user", "content": "What does `json.dumps` do?"}])
+    r = generate(bundled.model, ids, SamplingParams(max_tokens=48), tokenizer=bundled.tokenizer,
+                 eos_ids=bundled.eos_ids)
+    assert r.token_ids and r.text.strip()
+    spec = generate(bundled.model, ids, SamplingParams(max_tokens=48), tokenizer=bundled.tokenizer,
+                    eos_ids=bundled.eos_ids, speculative=SpeculativeConfig(k="auto"))
+    assert spec.token_ids == r.token_ids and spec.stats["draft_tokens_accepted"] > 0
+    assert len(bundled.model.mtp) >= 2
+
+
+def test_transformers_greedy_ids_equal_the_engine(bundled):
+    from transformers import AutoModelForCausalLM
+
+    ids = bundled.encode_prompt(prompt="def read_lines(path):\n")
+    ref_model = AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float32).eval()
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        ref = ref_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                                 do_sample=False, eos_token_id=None, pad_token_id=4095)[0, len(ids):].tolist()
+    ours = generate(bundled.model, ids, SamplingParams(max_tokens=32)).token_ids
+    assert ours == ref
