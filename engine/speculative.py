@@ -165,12 +165,16 @@ class DraftLength:
             out.append((a + base * weight) / (r + weight))
         return out
 
-    def expected_time_per_token(self, k: int) -> float:
-        tokens, run = 1.0, 1.0
-        for a in self.alpha[:k]:
+    def best_k(self, cap: int) -> int:
+        """The k in 0..cap with the least expected time per token."""
+        best, best_time, tokens, run = 0, self.step_cost(0), 1.0, 1.0
+        for k, a in enumerate(self.alpha[:cap], start=1):
             run *= a
             tokens += run
-        return self.step_cost(k) / tokens
+            t = self.step_cost(k) / tokens
+            if t < best_time:
+                best, best_time = k, t
+        return best
 
     def choose(self, cap: int) -> int:
         cap = max(0, min(cap, self.k_max))
@@ -180,7 +184,7 @@ class DraftLength:
             return 0  # measure a plain step first
         if 1 not in self.t_step:
             return 1  # then one draft, to measure what drafting costs
-        best = min(range(cap + 1), key=self.expected_time_per_token)
+        best = self.best_k(cap)
         if best:
             self.probe_every = self.PROBE_FIRST
             return best
