@@ -14,7 +14,6 @@ from desktop.chat import BUNDLED_MODEL, ChatSession
 from desktop.chat_view import ChatView, Composer
 from desktop.compare_view import CompareDialog, HistoryDialog
 from desktop.panels import ExpertLoadView, SettingsPanel, Sidebar
-from desktop.worker_client import WorkerState
 
 
 class Banner(QFrame):

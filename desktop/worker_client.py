@@ -7,7 +7,6 @@ The crash text (exit status and the worker's last stderr lines) is kept for the 
 from __future__ import annotations
 
 import enum
-import os
 import sys
 from collections import deque
 from pathlib import Path

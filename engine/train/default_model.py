@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.model.checkpoint import checkpoint_state, save_model
 from engine.model.config import parse_config
 from engine.model.transformer import Transformer
 from engine.pretrained import BUNDLED_MODEL
@@ -97,7 +96,7 @@ def prepare_data(work: Path) -> dict:
 class Batches:
     """Random windows of seq_len+1 tokens from the training stream, from a seeded generator."""
 
-    def __init__(self, ids: np.ndarray, batch: int, seq_len: int, seed: int, step: int = 0):
+    def __init__(self, ids: np.ndarray, batch: int, seq_len: int, seed: int):
         self.ids = torch.from_numpy(ids.astype(np.int64))
         self.batch, self.seq_len = batch, seq_len
         self.seed = seed
