@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from desktop.store import Store
 from desktop.worker_client import WorkerClient, WorkerState
+from engine.paths import BUNDLED_MODEL
 from engine.protocol import (Cancel, ChatMessage, Done, Error, Generate, GenerateParams, Load, Loaded, Progress,
                              Speculative, Token)
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "moedesk-mini"
 REPAINT_MS = 33
 SAVE_EVERY_S = 1.0
 FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "cancelled", "error": "error"}

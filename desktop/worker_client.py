@@ -9,13 +9,12 @@ from __future__ import annotations
 import enum
 import sys
 from collections import deque
-from pathlib import Path
 
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal
 
+from engine.paths import ROOT
 from engine.protocol import Error, Hello, Message, ProtocolError, parse_event
 
-ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT_MS = 3000
 HEARTBEAT_MISSES = 4  # pings unanswered while the worker is alive: shown as unresponsive
 

@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_TINY_DIR = Path(__file__).resolve().parent.parent / ".cache" / "tiny-model"
+from engine.paths import ROOT
+
+DEFAULT_TINY_DIR = ROOT / ".cache" / "tiny-model"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

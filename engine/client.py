@@ -13,12 +13,11 @@ import sys
 import threading
 import time
 from collections import deque
-from pathlib import Path
 from typing import Iterator
 
+from engine.paths import ROOT
 from engine.protocol import Error, Hello, Message, ProtocolError, Ready, parse_event
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerDied(Exception):

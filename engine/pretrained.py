@@ -8,10 +8,8 @@ from pathlib import Path
 from engine.model.checkpoint import ProgressFn, load_model
 from engine.model.config import ModelConfig
 from engine.model.transformer import Transformer
+from engine.paths import BUNDLED_MODEL  # noqa: F401  (re-exported for callers)
 from engine.tokenizer import Tokenizer
-
-# The default model trained by `python -m engine train-default` and shipped in the repository.
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "models" / "moedesk-mini"
 
 
 @dataclass

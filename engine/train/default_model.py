@@ -23,14 +23,13 @@ from safetensors.torch import load_file, save_file
 
 from engine.model.config import parse_config
 from engine.model.transformer import Transformer
-from engine.pretrained import BUNDLED_MODEL
+from engine.paths import BUNDLED_MODEL, ROOT
 from engine.routing import Router
 from engine.train.architecture import MAX_POSITIONS, VOCAB_SIZE, default_config
 from engine.train.corpus import build_corpus
 from engine.train.mtp_loss import mtp_training_loss
 from engine.train.tokenizer_train import BOS_ID, EOS_ID, train_bpe, write_tokenizer_files
 
-ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = BUNDLED_MODEL
 DEFAULT_WORK = ROOT / ".cache" / "train-default"
 
