@@ -219,7 +219,6 @@ def draft_length_for(model: Transformer, cfg: SpeculativeConfig) -> DraftLength:
 
 @dataclass
 class SpecStats:
-    k_max: int
     verify_steps: int = 0
     plain_steps: int = 0
     accepted_total: int = 0
@@ -272,7 +271,7 @@ def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, 
     device = hidden.device
     drafter = MTPDrafter(model, hidden)
     control = draft_length_for(model, cfg)
-    stats = SpecStats(cfg.max_drafts)
+    stats = SpecStats()
     tokens = list(prompt_ids)
     first = picker.pick(model.logits(hidden[:, -1])[0])
     tokens.append(first)

@@ -100,27 +100,29 @@ def chats_for(module: str, tree: ast.Module) -> list[list[dict]]:
         chats.append([{"role": "user", "content": q.format(name=name)},
                       {"role": "assistant", "content": answer}])
 
+    def public_functions(body):
+        return [n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and not n.name.startswith("_")]
+
+    def add_function(owner: str, node) -> None:
+        d = ast.get_docstring(node)
+        if d:
+            add("function", f"{owner}.{node.name}", f"`{owner}.{node.name}{signature(node)}`\n\n{d.strip()}")
+
     doc = ast.get_docstring(tree)
     if doc:
         add("module", module, f"`{module}`: {doc.strip()}")
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
-            d = ast.get_docstring(node)
-            if d:
-                add("function", f"{module}.{node.name}", f"`{module}.{node.name}{signature(node)}`\n\n{d.strip()}")
+            add_function(module, node)
         elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
             d = ast.get_docstring(node)
             if d:
                 cname = f"{module}.{node.name}"
-                methods = [n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                           and not n.name.startswith("_")]
-                extra = f"\n\nMethods: {', '.join(methods[:12])}." if methods else ""
+                methods = public_functions(node.body)
+                extra = f"\n\nMethods: {', '.join(m.name for m in methods[:12])}." if methods else ""
                 add("class", cname, f"`class {cname}`\n\n{d.strip()}{extra}")
-                for n in node.body:
-                    if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and not n.name.startswith("_"):
-                        md = ast.get_docstring(n)
-                        if md:
-                            add("function", f"{cname}.{n.name}", f"`{cname}.{n.name}{signature(n)}`\n\n{md.strip()}")
+                for m in methods:
+                    add_function(cname, m)
     return chats
 
 
