@@ -24,6 +24,9 @@ VENV = ROOT / ".venv"
 PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".moedesk-installed"
 TORCH = os.environ.get("MOEDESK_TORCH", "torch==2.13.0")
+# The tests run the Triton kernels in Triton's CPU interpreter. A CUDA build of torch brings its own
+# matching triton; only where it is missing (CPU builds, on Linux where triton has wheels) is it added.
+TRITON = os.environ.get("MOEDESK_TRITON", "triton==3.9.0")
 EXTRAS = {"app": "", "test": "[test]", "setup": "[test]"}
 QT_TEST_ENV = {"QT_QPA_PLATFORM": "offscreen"}  # the GUI tests run without a screen
 
@@ -35,7 +38,8 @@ def run(cmd: list[str], **kw) -> int:
 
 def install_key(extras: str) -> str:
     """Changes whenever what would be installed changes."""
-    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode() + TORCH.encode()).hexdigest()
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode() + TORCH.encode()
+                          + TRITON.encode()).hexdigest()
 
 
 def need_install(extras: str) -> bool:
@@ -55,6 +59,10 @@ def install(extras: str) -> None:
             sys.exit("could not install torch; set MOEDESK_TORCH / MOEDESK_TORCH_INDEX_URL and retry")
     if run(pip + ["-e", f".{extras}"]) != 0:
         sys.exit("could not install moedesk's dependencies")
+    if extras == "[test]" and sys.platform.startswith("linux") and \
+            subprocess.call([str(PY), "-c", "import triton"], stderr=subprocess.DEVNULL) != 0:
+        if run(pip + [TRITON]) != 0:
+            print("could not install triton: the kernel tests will be skipped", flush=True)
     old = STAMP.read_text() if STAMP.exists() else ""
     STAMP.write_text(old + install_key(extras) + "\n")
 

@@ -20,6 +20,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
 
 
+def _add_quant_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    if several:
+        p.add_argument("--quant", default="none",
+                       help="comma-separated weight variants to time in one run: none,int8,int4")
+    else:
+        p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                       help="quantize the weights while loading (weight-only)")
+    p.add_argument("--group", type=int, default=64, help="int4 group size: 32, 64 or 128")
+    p.add_argument("--quant-embed-head", action="store_true", help="also store the embedding and head as int8")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="moedesk's native engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mtp: draft with the model's own MTP modules and verify in one pass")
     g.add_argument("--k", default="auto", help="drafts per step (1, 2, ...) or auto")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_quant_args(g)
 
     b = sub.add_parser("bench", help="decode speed with speculation off and on, interleaved, medians")
     _add_model_args(b)
@@ -53,12 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=3)
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--json", dest="json_out", default=None, help="write the full results to this file")
+    _add_quant_args(b, several=True)
 
     e = sub.add_parser("eval", help="perplexity of a text file")
     _add_model_args(e)
     e.add_argument("--text-file", required=True)
     e.add_argument("--window", type=int, default=512, help="tokens scored per forward pass")
     e.add_argument("--json", action="store_true")
+    _add_quant_args(e)
+
+    q = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint (compressed-tensors layout)")
+    q.add_argument("--model", default=None, help="model folder; default: the bundled model")
+    q.add_argument("--to", required=True, choices=["int8", "int4"])
+    q.add_argument("--group", type=int, default=64, help="int4 group size: 32, 64 or 128")
+    q.add_argument("--quant-embed-head", action="store_true", help="also store the embedding and head as int8")
+    q.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer)")
 
     d = sub.add_parser("train-default", help="build the bundled default model from nothing (resumable)")
     d.add_argument("--out", default=None, help="model folder to write (default: assets/models/moedesk-mini)")
@@ -69,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("init-tiny", help="write a small random-weight model (for tests and trying things)")
     t.add_argument("--out", default=str(DEFAULT_TINY_DIR))
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--shape", choices=["tiny", "v2-lite"], default="tiny",
+                   help="v2-lite: DeepSeek-V2-Lite's layer shapes (random weights, bf16, no tokenizer)")
+    t.add_argument("--layers", type=int, default=None, help="v2-lite: number of layers (default 27)")
+    t.add_argument("--experts", type=int, default=None, help="v2-lite: routed experts per layer (default 64)")
+    t.add_argument("--vocab", type=int, default=None, help="v2-lite: vocabulary size (default 102400)")
     return parser
 
 
@@ -81,7 +107,7 @@ def cmd_generate(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             max_tokens=args.max_tokens, stop=args.stop)
-    pre = load_pretrained(args.model, device=args.device, dtype=args.dtype)
+    pre = load_pretrained(args.model, device=args.device, dtype=args.dtype, quant=quant_spec(args, args.quant))
     if args.prompt_ids is not None:
         prompt_ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
         if any(not 0 <= i < pre.cfg.vocab_size for i in prompt_ids):
@@ -118,11 +144,12 @@ def cmd_eval(args) -> int:
     from engine.evaluate import perplexity
     from engine.pretrained import load_pretrained
 
-    pre = load_pretrained(args.model, device=args.device, dtype=args.dtype)
+    pre = load_pretrained(args.model, device=args.device, dtype=args.dtype, quant=quant_spec(args, args.quant))
     text = Path(args.text_file).read_text(encoding="utf-8")
     t0 = time.perf_counter()
     res = perplexity(pre, text, window=args.window)
     res["seconds"] = time.perf_counter() - t0
+    res["quantization"] = args.quant
     if args.json:
         print(json.dumps(res))
     else:
@@ -138,22 +165,62 @@ def cmd_bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pre = load_pretrained(args.model, device=args.device, dtype=args.dtype)
+    names = [v.strip() for v in args.quant.split(",") if v.strip()] or ["none"]
+    models = {}
+    for name in names:
+        spec = quant_spec(args, name)
+        pre = load_pretrained(args.model, device=args.device, dtype=args.dtype, quant=spec)
+        models[name if spec else str(pre.model.norm.weight.dtype).removeprefix("torch.")] = pre
     modes = [m.strip() for m in args.speculative.split(",") if m.strip()]
     if "mtp" in modes and not pre.model.mtp:
         raise ValueError("this model has no MTP modules; run with --speculative off")
-    configs = configurations(modes, [k.strip() for k in args.k.split(",") if k.strip()])
+    variants = list(models) if len(models) > 1 else [""]
+    configs = configurations(modes, [k.strip() for k in args.k.split(",") if k.strip()], variants)
+    models = models if len(models) > 1 else pre
 
     def progress(done, total):
         print(f"\r{done}/{total} runs", end="", file=sys.stderr, flush=True)
 
-    result = run_bench(pre, load_prompts(args.prompts), configs, args.max_tokens, args.repeat, progress)
+    result = run_bench(models, load_prompts(args.prompts), configs, args.max_tokens, args.repeat, progress)
     print(file=sys.stderr)
     result["environment"] = environment(pre)
     result["settings"] = {"max_tokens": args.max_tokens, "repeat": args.repeat, "temperature": 0}
     print(format_table(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def quant_spec(args, name: str):
+    """--quant NAME [--group G] [--quant-embed-head] → a QuantSpec, or None for full precision."""
+    from engine.quant import QuantSpec
+
+    if name in ("none", "off", ""):
+        return None
+    if name not in ("int8", "int4"):
+        raise ValueError(f"unknown quantization {name!r}; choose none, int8 or int4")
+    return QuantSpec(name, args.group, args.quant_embed_head)
+
+
+def cmd_quantize(args) -> int:
+    import shutil
+
+    from engine.model.checkpoint import load_model, save_model
+    from engine.quant import weight_bytes
+
+    out = Path(args.out)
+    if out.resolve() == Path(args.model).resolve():
+        raise ValueError("--out must be another folder than --model")
+    args.quant = args.to
+    model = load_model(args.model, device="cpu", dtype="float32", quant=quant_spec(args, args.to))
+    save_model(model, out)
+    for f in Path(args.model).iterdir():  # tokenizer, chat template, generation settings, model card
+        if f.is_file() and f.name not in ("config.json", "model.safetensors", "model.safetensors.index.json") \
+                and not f.name.endswith(".safetensors"):
+            shutil.copy2(f, out / f.name)
+    b = weight_bytes(model)
+    print(f"wrote {out} ({args.to}{f', group {args.group}' if args.to == 'int4' else ''}): "
+          f"{b['model_bytes'] / 2**20:.1f} MiB of weights, {b['bytes_per_token'] / 2**20:.2f} MiB read per token")
     return 0
 
 
@@ -167,9 +234,16 @@ def cmd_train_default(args) -> int:
 
 
 def cmd_init_tiny(args) -> int:
-    from engine.tiny import write_tiny_model
+    from engine.tiny import v2_lite_config, write_tiny_model
 
-    print(write_tiny_model(args.out, seed=args.seed))
+    if args.shape == "v2-lite":
+        given = {"num_hidden_layers": args.layers, "n_routed_experts": args.experts, "vocab_size": args.vocab}
+        cfg = v2_lite_config(**{k: v for k, v in given.items() if v is not None})
+        import torch
+        print(write_tiny_model(args.out, seed=args.seed, std=0.02, with_tokenizer=False, save_dtype=torch.bfloat16,
+                               **cfg))
+    else:
+        print(write_tiny_model(args.out, seed=args.seed))
     return 0
 
 
@@ -190,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         default_model(args)
         return {"generate": cmd_generate, "eval": cmd_eval, "bench": cmd_bench,
-                "train-default": cmd_train_default, "init-tiny": cmd_init_tiny}[args.command](args)
+                "train-default": cmd_train_default, "init-tiny": cmd_init_tiny,
+                "quantize": cmd_quantize}[args.command](args)
     except (ModelLoadError, ChatTemplateError, ValueError, FileNotFoundError) as e:
         # A bad file or argument is the user's to fix: one clear line, no traceback.
         print(f"error: {e}", file=sys.stderr)

@@ -46,8 +46,9 @@ def eos_ids_of(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -
 
 
 def load_pretrained(model_dir: str | Path, device: str | None = None, dtype=None,
-                    progress: ProgressFn | None = None) -> Pretrained:
+                    progress: ProgressFn | None = None, quant=None) -> Pretrained:
+    """quant: an engine.quant.QuantSpec to quantize the weights while loading, or None."""
     model_dir = Path(model_dir)
-    model = load_model(model_dir, device=device, dtype=dtype, progress=progress)
+    model = load_model(model_dir, device=device, dtype=dtype, progress=progress, quant=quant)
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     return Pretrained(model_dir, model, tokenizer, eos_ids_of(model_dir, model.cfg, tokenizer))

@@ -30,6 +30,20 @@ def tiny_config(vocab_size: int = 512, **overrides) -> dict:
     return d
 
 
+def v2_lite_config(num_hidden_layers: int = 27, n_routed_experts: int = 64, vocab_size: int = 102400,
+                   **overrides) -> dict:
+    """DeepSeek-V2-Lite's shapes (hidden 2048, MLA without q compression, 64 routed experts top-6 +
+    2 shared, 27 layers) in a V3 config (sigmoid router, one expert group): random-weight models of
+    a real size, for speed measurements. Fewer layers/experts/vocab keep the per-layer shapes."""
+    return tiny_config(vocab_size=vocab_size, **{
+        "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+        "num_hidden_layers": num_hidden_layers, "first_k_dense_replace": 1, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": n_routed_experts, "n_shared_experts": 2,
+        "num_experts_per_tok": 6, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+        "max_position_embeddings": 4096, "torch_dtype": "bfloat16", **overrides})
+
+
 def write_tokenizer(out: Path, vocab_size: int) -> None:
     """A small byte-level BPE on a little standard-library source: deterministic for a Python version."""
     import json as json_mod
@@ -40,7 +54,7 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
 
 
 def write_tiny_model(out: str | Path, seed: int = 0, std: float = 0.1, with_tokenizer: bool = True,
-                     **overrides) -> Path:
+                     save_dtype=None, **overrides) -> Path:
     """A random-weight DeepSeek-V3 checkpoint folder; returns its path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +62,7 @@ def write_tiny_model(out: str | Path, seed: int = 0, std: float = 0.1, with_toke
     cfg = parse_config(d)
     model = Transformer(cfg, n_mtp=cfg.num_nextn_predict_layers)
     model.init_weights(seed=seed, std=std)
-    save_model(model, out)
+    save_model(model, out, dtype=save_dtype)
     if with_tokenizer:
         write_tokenizer(out, cfg.vocab_size)
     return out

@@ -20,7 +20,11 @@ from safetensors.torch import save_file
 from engine.model.config import ModelConfig, load_config
 from engine.model.errors import ModelLoadError
 from engine.model.transformer import Transformer
+from engine.quant import (STORED_PARTS, QuantEmbedding, QuantExperts, QuantLinear, QuantSpec, from_stored, to_stored,
+                          logical_weights, plan_quantization, quantization_config, split_stored_name, stored_shape, swap_modules)
 from engine.routing import Router
+
+QUANT_MODULES = (QuantLinear, QuantExperts, QuantEmbedding)
 
 ProgressFn = Callable[[str, float], None]
 
@@ -157,25 +161,62 @@ def _dtype_of(code: str, f: Path, name: str) -> torch.dtype:
     return table[code]
 
 
-def plan_load(cfg: ModelConfig, infos: dict[str, TensorInfo], model: Transformer) -> dict[str, Target]:
+@dataclass(frozen=True)
+class Entry:
+    """One checkpoint tensor's place: `kind` is "dense" (copied as is), "quantize" (a full-precision
+    tensor quantized on its way into a quantized module) or a stored quantized part: "qweight",
+    "scale", "zero", "shape" (checked only)."""
+    target: Target
+    kind: str
+
+
+def dense_and_logical(model: Transformer) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint can fill, quantized weights under their full-precision names."""
+    quant_paths = {p for p, m in model.named_modules() if isinstance(m, QUANT_MODULES)}
+    params = {n: t for n, t in (dict(model.named_parameters()) | dict(model.named_buffers())).items()
+              if n.rsplit(".", 1)[0] not in quant_paths}
+    return params | logical_weights(model)
+
+
+def plan_load(cfg: ModelConfig, infos: dict[str, TensorInfo], model: Transformer) -> dict[str, Entry]:
     """Map every checkpoint tensor to its place and check shapes, dtypes and coverage."""
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
-    plan, covered = {}, set()
+    params = dense_and_logical(model)
+    modules = dict(model.named_modules())
+    plan, covered, stored = {}, set(), {}
     for name, info in infos.items():
-        if name.endswith("weight_scale_inv") or IGNORED.match(name):
+        if IGNORED.match(name):
             continue
-        t = target_of(name, cfg.num_hidden_layers)
+        base, suffix = split_stored_name(name)
+        t = target_of(base, cfg.num_hidden_layers)
         if t is None or t.param not in params:
             raise ModelLoadError(str(info.file), name, "unexpected tensor for this config")
         want = tuple(target_view(params[t.param], t).shape)
-        if info.shape != want:
-            raise ModelLoadError(str(info.file), name, f"shape {list(info.shape)} but the config implies {list(want)}")
-        if info.dtype == torch.float8_e4m3fn:
-            _check_fp8_scale(cfg, infos, name, info)
-        elif info.dtype not in FLOAT_DTYPES:
-            raise ModelLoadError(str(info.file), name, f"dtype {info.dtype} where a float tensor is expected")
-        plan[name] = t
+        module = modules.get(t.param.rsplit(".", 1)[0])
+        spec = getattr(module, "spec", None) or (QuantSpec("int8") if isinstance(module, QuantEmbedding) else None)
+        if spec is None or (suffix == "weight" and info.dtype in FLOAT_DTYPES):
+            if suffix == "weight_scale_inv":
+                continue  # read together with its FP8 weight
+            if suffix != "weight":
+                raise ModelLoadError(str(info.file), name, "a quantized part of a weight this model keeps dense")
+            _check_dense(cfg, infos, name, info, want)
+            plan[name] = Entry(t, "dense" if spec is None else "quantize")
+        elif suffix == "weight" and info.dtype == torch.float8_e4m3fn and spec.fmt != "fp8":
+            _check_dense(cfg, infos, name, info, want)
+            plan[name] = Entry(t, "quantize")  # FP8 source, another target format: dequantize first
+        else:
+            part = STORED_PARTS[spec.fmt].get(suffix)
+            shape = stored_shape(spec.fmt, suffix, *want, spec.group, spec.block) if part else None
+            if part is None or info.shape != shape:
+                raise ModelLoadError(str(info.file), name, f"shape {list(info.shape)} does not fit a {spec.describe()} "
+                                     f"weight of shape {list(want)} (expected {shape and list(shape)})")
+            plan[name] = Entry(t, part)
+            stored.setdefault((t.param, t.expert, t.part), set()).add(part)
         covered.add((t.param, t.expert, t.part))
+    for key, parts in stored.items():
+        need = {"qweight", "scale"} | ({"zero"} if "zero" in STORED_PARTS[_fmt_of(modules, key[0])].values() else set())
+        if not need <= parts:
+            raise ModelLoadError(str(next(iter(infos.values())).file.parent), key[0],
+                                 f"quantized weight without its {', '.join(sorted(need - parts))}")
     for pname, p in params.items():
         if pname.startswith("rotary.") or OPTIONAL.match(pname) or (pname, None, None) in covered:
             continue
@@ -185,6 +226,20 @@ def plan_load(cfg: ModelConfig, infos: dict[str, TensorInfo], model: Transformer
                 continue
         raise ModelLoadError(str(next(iter(infos.values())).file.parent), pname, "missing from the checkpoint")
     return plan
+
+
+def _fmt_of(modules, param: str) -> str:
+    m = modules[param.rsplit(".", 1)[0]]
+    return m.spec.fmt if getattr(m, "spec", None) else "int8"
+
+
+def _check_dense(cfg, infos, name: str, info: TensorInfo, want: tuple) -> None:
+    if info.shape != want:
+        raise ModelLoadError(str(info.file), name, f"shape {list(info.shape)} but the config implies {list(want)}")
+    if info.dtype == torch.float8_e4m3fn:
+        _check_fp8_scale(cfg, infos, name, info)
+    elif info.dtype not in FLOAT_DTYPES:
+        raise ModelLoadError(str(info.file), name, f"dtype {info.dtype} where a float tensor is expected")
 
 
 def _check_fp8_scale(cfg: ModelConfig, infos, name: str, info: TensorInfo) -> None:
@@ -251,7 +306,9 @@ def build_empty(cfg: ModelConfig, n_mtp: int, own_mtp: set[str], dtype: torch.dt
 
 
 def load_model(model_dir: str | Path, device: str | None = None, dtype=None,
-               progress: ProgressFn | None = None) -> Transformer:
+               progress: ProgressFn | None = None, quant: QuantSpec | None = None) -> Transformer:
+    """Load a checkpoint folder. `quant` quantizes full-precision weights tensor by tensor as they
+    are read (never holding the full-precision model); a quantized checkpoint loads as stored."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(str(model_dir), None, "model folder not found")
@@ -263,8 +320,13 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype=None,
     n_mtp = len(mtp_layers)
     if mtp_layers != set(range(cfg.num_hidden_layers, cfg.num_hidden_layers + n_mtp)):
         raise ModelLoadError(str(model_dir), None, f"MTP layers {sorted(mtp_layers)} are not consecutive after the main layers")
-    own = {t.param for n in infos if (t := target_of(n, cfg.num_hidden_layers)) and t.param.startswith("mtp.")}
+    own = {t.param for n in infos if (t := target_of(split_stored_name(n)[0], cfg.num_hidden_layers))
+           and t.param.startswith("mtp.")}
     model = build_empty(cfg, n_mtp, own, dt)
+    stored = stored_specs(cfg, infos, model, dev, keep_fp8=quant is None)
+    if quant is not None and any(s.fmt != "fp8" for s in stored.values()):
+        raise ModelLoadError(str(model_dir), None, "this checkpoint is already quantized; load it without --quant")
+    swap_modules(model, plan_quantization(model, quant) if quant is not None else stored)
     plan = plan_load(cfg, infos, model)
     _check_memory(model, dev, model_dir)
     model.to_empty(device=dev).requires_grad_(False)
@@ -272,7 +334,7 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype=None,
         if isinstance(m, Router):
             m.bias.zero_()  # a checkpoint without score-correction bias routes without one
     _copy_tensors(model, cfg, infos, plan, progress)
-    if "lm_head.weight" not in infos:
+    if "lm_head.weight" not in infos and not any(n.startswith("lm_head.") for n in infos):
         if not cfg.tie_word_embeddings:
             raise ModelLoadError(str(model_dir), "lm_head.weight", "missing and tie_word_embeddings is false")
         model.head.weight = model.embed.weight
@@ -281,8 +343,43 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype=None,
     return model.eval().requires_grad_(False)
 
 
+def stored_specs(cfg: ModelConfig, infos: dict[str, TensorInfo], model: Transformer, dev: torch.device,
+                 keep_fp8: bool) -> dict[str, QuantSpec]:
+    """Module path → spec for every weight the checkpoint stores quantized and this device keeps so:
+    compressed-tensors int4 (`weight_packed`) and int8 (int8 `weight` with `weight_scale`), and
+    DeepSeek FP8 on a GPU with FP8 support and the Triton kernels (elsewhere it is dequantized)."""
+    fp8_ok = keep_fp8 and fp8_supported(dev)
+    modules = dict(model.named_modules())
+    specs = {}
+    for name, info in infos.items():
+        base, suffix = split_stored_name(name)
+        if suffix == "weight_packed":
+            spec = QuantSpec("int4", cfg.int4_group_size or 64)
+        elif suffix == "weight" and info.dtype == torch.int8 and base[:-len("weight")] + "weight_scale" in infos:
+            spec = QuantSpec("int8")
+        elif suffix == "weight" and info.dtype == torch.float8_e4m3fn and fp8_ok:
+            spec = QuantSpec("fp8", block=cfg.fp8_block_size or (128, 128))
+        else:
+            continue
+        t = target_of(base, cfg.num_hidden_layers)
+        if t is None:
+            continue  # plan_load reports it
+        path = t.param.rsplit(".", 1)[0]
+        module = modules.get(path)
+        if spec.fmt == "fp8" and (isinstance(module, torch.nn.Embedding) or
+                                  (t.expert is not None and module.gate_up.shape[1] // 2 % spec.block[0])):
+            continue  # FP8 blocks that would straddle gate and up: dequantize this one instead
+        specs[path] = spec
+    return specs
+
+
+def fp8_supported(dev: torch.device) -> bool:
+    from kernels import triton_available
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9) and triton_available()
+
+
 def _check_memory(model: Transformer, dev: torch.device, model_dir: Path) -> None:
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     have = available_memory(dev)
     if have is not None and need > have:
         raise ModelLoadError(str(model_dir), None,
@@ -290,8 +387,9 @@ def _check_memory(model: Transformer, dev: torch.device, model_dir: Path) -> Non
                              f"only {have / 2**30:.1f} GiB available")
 
 
-def _copy_tensors(model, cfg, infos, plan, progress: ProgressFn | None) -> None:
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
+def _copy_tensors(model, cfg, infos, plan: dict[str, Entry], progress: ProgressFn | None) -> None:
+    params = dense_and_logical(model)
+    modules = dict(model.named_modules())
     total = sum(_numel(infos[n].shape) for n in plan) or 1
     done = 0
     by_file: dict[Path, list[str]] = {}
@@ -300,21 +398,51 @@ def _copy_tensors(model, cfg, infos, plan, progress: ProgressFn | None) -> None:
     for f, names in by_file.items():
         with safe_open(f, framework="pt") as st:
             for name in names:
+                entry = plan[name]
                 try:
                     t = st.get_tensor(name)
-                    if t.dtype == torch.float8_e4m3fn:
+                    if t.dtype == torch.float8_e4m3fn and entry.kind in ("dense", "quantize"):
                         scale_name = name + "_scale_inv"
                         scale = st.get_tensor(scale_name) if scale_name in infos and infos[scale_name].file == f \
                             else _read(infos, scale_name)
                         t = dequantize_fp8(t, scale, cfg.fp8_block_size or (128, 128))
                 except Exception as e:
                     raise ModelLoadError(str(f), name, f"cannot read tensor ({e})") from e
-                if not torch.isfinite(t).all():
+                if t.is_floating_point() and t.dtype != torch.float8_e4m3fn and not torch.isfinite(t).all():
                     raise ModelLoadError(str(f), name, "contains NaN or Inf")
-                target_view(params[plan[name].param], plan[name]).copy_(t)
+                view = target_view(params[entry.target.param], entry.target)
+                if entry.kind == "dense":
+                    target_view(params[entry.target.param], entry.target).copy_(t)
+                else:
+                    _into_quantized(modules[entry.target.param.rsplit(".", 1)[0]], entry, t, tuple(view.shape), f, name)
                 done += t.numel()
                 if progress:
                     progress("loading weights", done / total)
+
+
+def _into_quantized(module, entry: Entry, t: torch.Tensor, shape: tuple, f: Path, name: str) -> None:
+    """A checkpoint tensor into a quantized module: quantized now, or a stored part converted."""
+    target, kind = entry.target, entry.kind
+    if kind == "shape":
+        if [int(v) for v in t.tolist()] != list(shape):
+            raise ModelLoadError(str(f), name, f"weight_shape {t.tolist()} but the config implies {list(shape)}")
+        return
+    if isinstance(module, QuantExperts):
+        attr = target.param.rsplit(".", 1)[1]
+        inter = module.inter
+        rows = {"gate": slice(0, inter), "up": slice(inter, 2 * inter)}.get(target.part, slice(None))
+        if kind == "quantize":
+            module.set_expert(attr, target.expert, rows, t)
+            return
+        module.set_expert_part(attr, target.expert, rows, kind, from_stored(module.spec.fmt, kind, t, *shape))
+        return
+    if kind == "quantize":
+        module.set_weight(t)
+        return
+    fmt = module.spec.fmt if isinstance(module, QuantLinear) else "int8"
+    getattr(module, kind).copy_(from_stored(fmt, kind, t, *shape))
+    if isinstance(module, QuantLinear):
+        module._cpu = None
 
 
 def _read(infos, name: str) -> torch.Tensor:
@@ -332,46 +460,85 @@ def _numel(shape) -> int:
 def _share_mtp_copies(model: Transformer) -> None:
     """DeepSeek checkpoints repeat the embedding and head in the MTP layer; keep one copy when equal."""
     for m in model.mtp:
-        if m.embed is not None and torch.equal(m.embed.weight, model.embed.weight):
+        if m.embed is not None and _same_weights(m.embed, model.embed):
             m.embed = None
-        if m.head is not None and torch.equal(m.head.weight, model.head.weight):
+        if m.head is not None and _same_weights(m.head, model.head):
             m.head = None
 
 
-def checkpoint_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's tensors under official DeepSeek names (per-expert tensors, MTP as extra layers)."""
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return type(a) is type(b) and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def official_name(param: str, n_layers: int) -> str | None:
+    """Engine parameter name → DeepSeek checkpoint name (experts: the stacked name, see split_experts)."""
     reverse = {v: k for k, v in TOP_LEVEL.items()}
-    block_rev = {v: k for k, v in IN_BLOCK.items()}
+    if param in reverse:
+        return reverse[param]
+    m = re.match(r"(layers|mtp)\.(\d+)\.(.+)$", param)
+    if not m:
+        return None  # rotary frequencies are derived, not stored
+    kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
+    prefix = f"model.layers.{i if kind == 'layers' else n_layers + i}."
     mtp_rev = {v: k for k, v in IN_MTP.items()}
+    if kind == "mtp" and rest in mtp_rev:
+        return prefix + mtp_rev[rest]
+    block_rev = {v: k for k, v in IN_BLOCK.items()}
+    return prefix + block_rev[rest.removeprefix("block.")]
+
+
+def split_experts(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A stacked experts tensor (official name ….mlp.experts.gate_up_proj / down_proj) → per-expert
+    DeepSeek names; gate and up are the two halves of the rows (or of the row blocks)."""
+    prefix = name.removesuffix("gate_up_proj").removesuffix("down_proj")
+    out = {}
+    for e in range(t.shape[0]):
+        if name.endswith("gate_up_proj"):
+            half = t.shape[1] // 2
+            out[f"{prefix}{e}.gate_proj.weight"] = t[e, :half]
+            out[f"{prefix}{e}.up_proj.weight"] = t[e, half:]
+        else:
+            out[f"{prefix}{e}.down_proj.weight"] = t[e]
+    return out
+
+
+def checkpoint_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors under official DeepSeek names (per-expert tensors, MTP as extra layers);
+    quantized weights in compressed-tensors form (engine/quant.py)."""
     n_layers, out = model.cfg.num_hidden_layers, {}
     state = model.state_dict()
     if model.cfg.tie_word_embeddings:
         state.pop("head.weight", None)
+    modules = dict(model.named_modules())
     for name, t in state.items():
-        if name in reverse:
-            out[reverse[name]] = t
+        path, _, leaf = name.rpartition(".")
+        module = modules.get(path)
+        if isinstance(module, QUANT_MODULES):
+            attr, _, part = leaf.rpartition("_") if isinstance(module, QuantExperts) else ("weight", "", leaf)
+            fmt = module.spec.fmt if getattr(module, "spec", None) else "int8"
+            official = official_name(f"{path}.{attr}", n_layers)
+            matrices = split_experts(official, t) if isinstance(module, QuantExperts) else {official: t}
+            for weight_name, m in matrices.items():
+                out.update(stored_tensors(fmt, weight_name, part, m, module))
             continue
-        m = re.match(r"(layers|mtp)\.(\d+)\.(.+)$", name)
-        if not m:
-            continue  # rotary frequencies are derived, not stored
-        kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
-        layer = i if kind == "layers" else n_layers + i
-        prefix = f"model.layers.{layer}."
-        if kind == "mtp" and rest in mtp_rev:
-            out[prefix + mtp_rev[rest]] = t
+        official = official_name(name, n_layers)
+        if official is None:
             continue
-        rest = rest.removeprefix("block.")
-        if rest == "ffn.experts.gate_up":
-            inter = t.shape[1] // 2
-            for e in range(t.shape[0]):
-                out[f"{prefix}mlp.experts.{e}.gate_proj.weight"] = t[e, :inter]
-                out[f"{prefix}mlp.experts.{e}.up_proj.weight"] = t[e, inter:]
-        elif rest == "ffn.experts.down":
-            for e in range(t.shape[0]):
-                out[f"{prefix}mlp.experts.{e}.down_proj.weight"] = t[e]
+        if official.endswith("mlp.experts.gate_up_proj") or official.endswith("mlp.experts.down_proj"):
+            out.update(split_experts(official, t))
         else:
-            out[prefix + block_rev[rest]] = t
+            out[official] = t
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def stored_tensors(fmt: str, weight_name: str, part: str, t: torch.Tensor, module) -> dict[str, torch.Tensor]:
+    """One quantized matrix's part under its compressed-tensors (or DeepSeek FP8) name."""
+    suffix = {v: k for k, v in STORED_PARTS[fmt].items()}[part]
+    out = {weight_name.removesuffix("weight") + suffix: to_stored(fmt, part, t)}
+    if fmt == "int4" and part == "qweight":
+        out[weight_name.removesuffix("weight") + "weight_shape"] = torch.tensor([t.shape[0], t.shape[1] * 2])
+    return out
 
 
 def save_model(model: Transformer, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
@@ -379,10 +546,13 @@ def save_model(model: Transformer, out_dir: str | Path, dtype: torch.dtype | Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = checkpoint_state(model)
-    if dtype is not None:
-        state = {k: (v if k.endswith("e_score_correction_bias") or ".mlp.gate." in k else v.to(dtype))
-                 for k, v in state.items()}
+    if dtype is not None:  # routing and quantization scales stay as they are
+        keep = re.compile(r".*(e_score_correction_bias|\.mlp\.gate\.weight|weight_scale|weight_scale_inv)$")
+        state = {k: (v.to(dtype) if v.dtype in FLOAT_DTYPES and not keep.match(k) else v) for k, v in state.items()}
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     cfg = dict(model.cfg.raw)
     cfg["num_nextn_predict_layers"] = len(model.mtp)
+    cfg.pop("quantization_config", None)
+    if (qc := quantization_config(model)) is not None:
+        cfg["quantization_config"] = qc
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

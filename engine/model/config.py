@@ -95,6 +95,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     num_nextn_predict_layers: int = 0
     fp8_block_size: tuple[int, int] | None = None  # DeepSeek FP8 checkpoints: weight_block_size
+    int4_group_size: int | None = None  # compressed-tensors int4 checkpoints
     torch_dtype: str | None = None
     raw: dict = field(default_factory=dict, repr=False)  # the parsed JSON, kept for saving back
 
@@ -211,13 +212,32 @@ def _check_consistency(cfg: ModelConfig, d: dict, source: str) -> None:
         if cfg.num_experts_per_tok > cfg.n_routed_experts:
             raise ModelLoadError(source, "num_experts_per_tok", "more experts per token than experts")
     q = d.get("quantization_config")
-    if q:
+    if q and q.get("quant_method") == "compressed-tensors":
+        cfg.int4_group_size = compressed_tensors_group(q, source)
+    elif q:
         if q.get("quant_method") != "fp8":
             raise ModelLoadError(source, "quantization_config",
                                  f"unsupported quant_method {q.get('quant_method')!r}")
         if q.get("fmt", "e4m3") != "e4m3":
             raise ModelLoadError(source, "quantization_config", f"unsupported FP8 format {q.get('fmt')!r}")
         cfg.fp8_block_size = tuple(q.get("weight_block_size") or (128, 128))
+
+
+def compressed_tensors_group(q: dict, source: str) -> int | None:
+    """The int4 group size of a compressed-tensors config; only weight-only int8/int4 is read."""
+    group = None
+    for name, g in (q.get("config_groups") or {}).items():
+        w = (g or {}).get("weights") or {}
+        if (g or {}).get("input_activations") or w.get("type", "int") != "int" or w.get("num_bits") not in (4, 8) \
+                or w.get("dynamic"):
+            raise ModelLoadError(source, f"quantization_config.config_groups.{name}",
+                                 "only weight-only int8 and int4 compressed-tensors schemes are supported")
+        if w.get("num_bits") == 4:
+            if w.get("strategy") != "group" or w.get("group_size") not in (32, 64, 128):
+                raise ModelLoadError(source, f"quantization_config.config_groups.{name}",
+                                     "int4 weights must be group-wise with group_size 32, 64 or 128")
+            group = w["group_size"]
+    return group
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

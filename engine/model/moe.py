@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.config import ModelConfig
+from kernels import use_triton
 from engine.routing import Router
 
-# On the GPU, up to this many (token, expert) pairs gather the chosen experts' weights and apply them
+# On the GPU with Triton, the fused MoE kernel of kernels/ serves every batch size. Without Triton, up
+# to this many (token, expert) pairs gather the chosen experts' weights and apply them
 # in one batched product (decode, no host synchronisation); otherwise, and always on the CPU, tokens
 # are sorted by expert and each chosen expert runs once on its rows (on the CPU a gather would copy
 # the weights it reads, several times slower than reading them in place).
@@ -38,6 +40,9 @@ class Experts(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, H], weights/ids [N, k] → Σ_k weight · expert_k(x) [N, H]."""
+        if use_triton(x):  # one fused kernel, no host synchronisation (decode, verification, prefill)
+            from kernels.fused_moe import fused_moe
+            return fused_moe(x, weights, ids, self.gate_up, self.down)
         if x.is_cuda and ids.numel() <= GATHER_MAX_PAIRS:
             return self.forward_gathered(x, weights, ids)
         return self.forward_grouped(x, weights, ids)
@@ -52,10 +57,17 @@ class Experts(torch.nn.Module):
         order = flat_ids.argsort(stable=True)
         token_of = order // ids.shape[1]
         xs = x[token_of]  # [N*k, H], rows grouped by expert
-        counts = torch.bincount(flat_ids, minlength=self.gate_up.shape[0])
-        ys = grouped_swiglu(xs, counts, self.gate_up, self.down, self.inter)
+        counts = torch.bincount(flat_ids, minlength=self.n_experts)
+        ys = self.grouped(xs, counts)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+
+    @property
+    def n_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return grouped_swiglu(xs, counts, self.gate_up, self.down, self.inter)
 
 
 def grouped_swiglu(xs, counts, gate_up, down, inter):
