@@ -32,6 +32,7 @@ class Settings:
     speculative: str = "mtp"  # "off" | "mtp"
     k: int | str = "auto"
     color_accepted: bool = True
+    quant: str = "none"  # weights of native models: "none" | "int8" | "int4" (quantized while loading)
 
     def params(self, speculative: str | None = None) -> GenerateParams:
         mode = speculative or self.speculative
@@ -119,7 +120,8 @@ class ChatSession(QObject):
         self.model = None
         self.sig_model.emit(None)
         backend = "llamacpp" if path.endswith(".gguf") else "native"
-        if not self.worker.send(Load(path=path, backend=backend)):
+        quant = self.settings.quant if backend == "native" and self.settings.quant != "none" else None
+        if not self.worker.send(Load(path=path, backend=backend, quant=quant)):
             self.sig_notice.emit("error", "The model worker is not running.")
 
     def restart_worker(self) -> None:

@@ -202,7 +202,8 @@ class MainWindow(QMainWindow):
             return
         mem = info.get("memory_bytes")
         mtp = f", {info['mtp_modules']} MTP modules" if info.get("mtp_modules") else ""
-        self.model_label.setText(f"{info['name']} · {info['backend']} · {info['device']} · {info['dtype']}"
+        quant = f" · {info['quantization']}" if info.get("quantization") else ""
+        self.model_label.setText(f"{info['name']} · {info['backend']} · {info['device']} · {info['dtype']}{quant}"
                                  f"{mtp} · {info['parameters'] / 1e6:.1f}M params"
                                  + (f" · {mem / 2**20:.0f} MiB" if mem else ""))
         self.refresh_models()
@@ -213,8 +214,11 @@ class MainWindow(QMainWindow):
         self.progress.setFormat(f"{stage} %p%")
 
     def on_settings_changed(self) -> None:
+        quant = self.session.settings.quant
         self.settings.apply_to(self.session.settings)
         self.session.save_settings()
+        if self.session.settings.quant != quant and self.session.model_path and not self.session.busy():
+            self.session.load_model(self.session.model_path)  # the weights are quantized while loading
 
     def choose_model(self, path: str) -> None:
         if not path:

@@ -7,6 +7,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
                                QListWidget, QListWidgetItem, QPlainTextEdit, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
 
+WEIGHT_CHOICES = [("Full precision", "none"), ("int8 (weight-only)", "int8"), ("int4 (weight-only, group 64)", "int4")]
 SPECULATION_CHOICES = [("Off", "off", "auto"), ("MTP, auto", "mtp", "auto"), ("MTP, k=1", "mtp", 1),
                        ("MTP, k=2", "mtp", 2), ("MTP, k=3", "mtp", 3), ("MTP, k=4", "mtp", 4)]
 
@@ -81,6 +82,14 @@ class SettingsPanel(QWidget):
         self.model.setAccessibleName("model")
         self.model.activated.connect(self._model_activated)
         form.addRow("Model", self.model)
+        self.weights = QComboBox()
+        self.weights.setAccessibleName("weight quantization")
+        self.weights.setToolTip("Quantize the model's weights while loading: less memory, faster decoding")
+        for label, value in WEIGHT_CHOICES:
+            self.weights.addItem(label, value)
+        self.weights.setCurrentIndex(next((i for i, (_, v) in enumerate(WEIGHT_CHOICES) if v == settings.quant), 0))
+        self.weights.currentIndexChanged.connect(self.sig_changed)
+        form.addRow("Weights", self.weights)
         self.system = QPlainTextEdit(settings.system_prompt)
         self.system.setAccessibleName("system prompt")
         self.system.setFixedHeight(70)
@@ -131,6 +140,7 @@ class SettingsPanel(QWidget):
         s.max_tokens, s.seed = self.max_tokens.value(), self.seed.value()
         s.speculative, s.k = self.speculation.currentData()
         s.color_accepted = self.color.isChecked()
+        s.quant = self.weights.currentData()
 
     def show_models(self, paths: list[str], current: str | None) -> None:
         self.model.blockSignals(True)

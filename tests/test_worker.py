@@ -83,6 +83,18 @@ def test_reply_streams_and_equals_the_command_line(client, tiny):
     assert spec.text == done.text and spec.stats["draft_tokens_proposed"] > 0
 
 
+def test_quantized_load_through_the_worker_equals_the_command_line(client, tiny):
+    client.send(Load(path=str(tiny), quant="int4"))
+    info = client.wait_for("loaded", 120).model
+    assert info["quantization"] == "int4 (group 64)" and info["dtype"] == "float32"
+    client.send(chat("q1", "Hello there", max_tokens=16))
+    done = client.wait_for("done", 60)
+    cli = subprocess.run([sys.executable, "-m", "engine", "generate", "--model", str(tiny), "--chat", "Hello there",
+                          "--max-tokens", "16", "--json", "--quant", "int4"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert done.finish_reason == "length" and json.loads(cli.stdout)["text"] == done.text
+
+
 def test_cancel_ping_and_busy_while_generating(client, endless):
     load(client, endless)
     client.send(chat("long", "Tell me everything", max_tokens=3000))

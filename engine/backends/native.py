@@ -12,6 +12,7 @@ from engine.backends.base import Backend, BackendError, EmitFn, ProgressFn
 from engine.generate import generate
 from engine.model.errors import ModelLoadError
 from engine.pretrained import Pretrained, load_pretrained
+from engine.quant import QuantSpec, model_spec, weight_bytes
 from engine.protocol import Done, Generate, Load, Token
 from engine.routing import Router
 from engine.sampling import SamplingParams
@@ -39,13 +40,13 @@ class NativeBackend(Backend):
         self.request: Load | None = None
 
     def load(self, request: Load, progress: ProgressFn) -> dict:
-        if request.quant:
-            raise BackendError("unsupported", f"quantization {request.quant!r} is not available yet in the native backend")
         if request.device == "cuda" and not torch.cuda.is_available():
             raise BackendError("unsupported", "no CUDA device is available; load on the CPU instead")
         self.unload()
         try:
-            self.pre = load_pretrained(request.path, device=request.device, dtype=request.dtype, progress=progress)
+            quant = QuantSpec(request.quant) if request.quant else None
+            self.pre = load_pretrained(request.path, device=request.device, dtype=request.dtype, progress=progress,
+                                       quant=quant)
         except ModelLoadError as e:
             code = "not_found" if "not found" in e.reason or "no config.json" in e.reason else "load_failed"
             raise BackendError(code, str(e)) from e
@@ -56,11 +57,13 @@ class NativeBackend(Backend):
         if self.pre is None:
             return {}
         model, cfg = self.pre.model, self.pre.cfg
-        p = model.embed.weight
+        p = model.norm.weight  # never quantized: the model's device and compute dtype
         counts = model.param_counts()
+        spec = model_spec(model)
         return {
             "name": self.pre.path.name, "path": str(self.pre.path), "backend": self.name,
-            "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."), "quantization": None,
+            "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
+            "quantization": spec.describe() if spec else None, "weight_bytes": weight_bytes(model)["model_bytes"],
             "parameters": counts["total"], "active_parameters": counts["active_per_token"],
             "memory_bytes": rss_bytes(),
             "gpu_memory_bytes": torch.cuda.memory_allocated(p.device) if p.is_cuda else None,
@@ -125,7 +128,7 @@ class NativeBackend(Backend):
 
     def unload(self) -> None:
         if self.pre is not None:
-            cuda = self.pre.model.embed.weight.is_cuda
+            cuda = self.pre.model.norm.weight.is_cuda
             self.pre = None
             gc.collect()
             if cuda:
