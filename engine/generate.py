@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from engine import cuda_graphs
 from engine.model.transformer import Transformer
 from engine.sampling import (SamplingParams, apply_repetition_penalty, make_generator, probs_from_logits,
                              sample)
@@ -165,10 +166,13 @@ class Emitter:
 
 def decode_plain(model: Transformer, hidden: torch.Tensor, picker: TokenPicker, emitter: Emitter,
                  should_stop: Callable[[], bool] | None) -> dict:
-    """One main-model step per token. hidden [1, P, H] is the prefilled prompt's."""
+    """One main-model step per token. hidden [1, P, H] is the prefilled prompt's.
+
+    On CUDA each step is the graphed static step; picking the token is then the step's only host read."""
     pos = hidden.shape[1]
     logits = model.logits(hidden[:, -1])[0]
     device = hidden.device
+    static = cuda_graphs.wants_static(device)
     while True:
         if should_stop and should_stop():
             emitter.finish = "cancelled"
@@ -176,7 +180,10 @@ def decode_plain(model: Transformer, hidden: torch.Tensor, picker: TokenPicker, 
         token = picker.pick(logits)
         if emitter.push(token):
             break
-        logits = model.logits(model(torch.tensor([[token]], device=device), pos))[0, -1]
+        if static:
+            logits = cuda_graphs.main_step(model, cuda_graphs.to_device([[token]], device), pos)[1][0, -1]
+        else:
+            logits = model.logits(model(torch.tensor([[token]], device=device), pos))[0, -1]
         pos += 1
     return {}
 
@@ -196,7 +203,7 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
     use_mtp = speculative is not None and speculative.mode == "mtp"
     if use_mtp and not model.mtp:
         raise ValueError("this model has no MTP modules; speculative mode 'mtp' needs them")
-    device = model.embed.weight.device
+    device = model.norm.weight.device  # not the embedding's: a quantized one has no .weight
     budget = context_budget(model, len(prompt_ids), params.max_tokens)
     ensure_cache(model, len(prompt_ids) + budget + (draft_room(speculative) if use_mtp else 0))
     picker = TokenPicker(params, prompt_ids, device)

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from engine import cuda_graphs
 from engine.generate import Emitter, TokenPicker
 from engine.model.transformer import Transformer
 from engine.sampling import sample
@@ -59,10 +60,17 @@ def draft_room(cfg: SpeculativeConfig | None) -> int:
 
 
 class MTPDrafter:
-    """The MTP chain's per-depth hidden states and how far each depth's cache is final."""
+    """The MTP chain's per-depth hidden states and how far each depth's cache is final.
 
-    def __init__(self, model: Transformer, prompt_hidden: torch.Tensor):
+    static: the passes run as the model's static steps (graphed on CUDA). resident: greedy drafts are
+    taken by argmax on the device and stay there as tensors [1], so drafting reads nothing back to the
+    host; `verify_resident` reads them back once, with the main model's choices.
+    """
+
+    def __init__(self, model: Transformer, prompt_hidden: torch.Tensor, static: bool = False,
+                 resident: bool = False):
         self.model = model
+        self.static, self.resident = static, resident
         self.depth = len(model.mtp)
         S, H = model.max_seq_len, model.cfg.hidden_size
         p = prompt_hidden
@@ -70,29 +78,46 @@ class MTPDrafter:
         self.hidden[0][:, :p.shape[1]] = p
         self.valid = [0] * (self.depth + 1)
 
-    def draft(self, tokens: list[int], k: int, picker: TokenPicker) -> tuple[list[int], list]:
+    def draft(self, tokens: list[int], k: int, picker: TokenPicker) -> tuple[list, list]:
         """tokens: committed, the last one not yet fed to the main model → k drafts and their q."""
-        model, D, N = self.model, self.depth, len(tokens) - 1
-        device = self.hidden[0].device
+        D, N = self.depth, len(tokens) - 1
         drafts, qs = [], []
         for j in range(1, min(k, D) + 1):
             start = self.valid[j]
-            ids = (tokens + drafts)[start + j:N + j]  # the token at i+j for positions i = start..N-1
-            h = model.mtp_forward(j - 1, self.hidden[j - 1][:, start:N], torch.tensor([ids], device=device), start)
+            ids = self.ids(tokens, drafts, start + j, N + j)  # the token at i+j for positions i = start..N-1
+            h, logits = self._pass(j - 1, self.hidden[j - 1][:, start:N], ids, start)
             self.hidden[j][:, start:N] = h
             self.valid[j] = N - j + 1
-            self._propose(model.mtp_logits(j - 1, h[:, -1])[0], picker, drafts, qs)
+            self._propose(logits, picker, drafts, qs)
         for j in range(D + 1, k + 1):  # beyond the chain: module D again, one position further each time
             pos = N - 1 + j - D
-            h = model.mtp_forward(D - 1, self.hidden[D][:, pos - 1:pos],
-                                  torch.tensor([[drafts[-1]]], device=device), pos)
+            ids = self.ids(tokens, drafts, pos + D, pos + D + 1)  # the newest draft
+            h, logits = self._pass(D - 1, self.hidden[D][:, pos - 1:pos], ids, pos)
             self.hidden[D][:, pos:pos + 1] = h
-            self._propose(model.mtp_logits(D - 1, h[:, -1])[0], picker, drafts, qs)
+            self._propose(logits, picker, drafts, qs)
         return drafts, qs
 
-    @staticmethod
-    def _propose(logits, picker: TokenPicker, drafts: list[int], qs: list) -> None:
-        if picker.params.greedy:
+    def ids(self, tokens: list[int], drafts: list, a: int, b: int) -> torch.Tensor:
+        """Entries a..b-1 of committed tokens followed by drafts, as [1, b-a] on the model's device."""
+        device = self.hidden[0].device
+        committed, pending = tokens[a:b], drafts[max(a - len(tokens), 0):max(b - len(tokens), 0)]
+        if not self.resident:
+            return cuda_graphs.to_device([committed + pending], device)
+        parts = [cuda_graphs.to_device(committed, device)] if committed else []
+        return torch.cat(parts + pending)[None]
+
+    def _pass(self, depth: int, hidden: torch.Tensor, ids: torch.Tensor, start: int):
+        """MTP module `depth` over positions start.. → (hidden states, logits [V] of the last position)."""
+        if self.static:
+            return cuda_graphs.mtp_step(self.model, depth, hidden, ids, start)
+        h = self.model.mtp_forward(depth, hidden, ids, start)
+        return h, self.model.mtp_logits(depth, h[:, -1])[0]
+
+    def _propose(self, logits, picker: TokenPicker, drafts: list, qs: list) -> None:
+        if self.resident:
+            drafts.append(logits.argmax(-1, keepdim=True))
+            qs.append(None)
+        elif picker.params.greedy:
             drafts.append(picker.choose(logits, drafts))
             qs.append(None)
         else:
@@ -118,6 +143,16 @@ def verify(logits: torch.Tensor, drafts: list[int], qs: list, picker: TokenPicke
         residual = residual / residual.sum() if residual.sum() > 0 else p
         return i, int(sample(residual, picker.generator))
     return len(drafts), picker.choose(logits[len(drafts)], drafts)
+
+
+def verify_resident(logits: torch.Tensor, drafts: list[torch.Tensor]) -> tuple[int, int, list[int]]:
+    """Greedy verification of drafts kept on the device: logits [k+1, V] → (drafts accepted, the next
+    token, the drafts as ints). The main model's choices and the drafts come back in one read."""
+    k = len(drafts)
+    back = torch.cat([logits.argmax(-1), *drafts]).tolist()
+    targets, drafts = back[:k + 1], back[k + 1:]
+    accepted = next((i for i, d in enumerate(drafts) if d != targets[i]), k)
+    return accepted, targets[accepted], drafts
 
 
 class DraftLength:
@@ -265,11 +300,23 @@ class SpecStats:
         }
 
 
+def gpu_marks(device: torch.device) -> list | None:
+    """Two CUDA timing events, the first recorded now; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    marks = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+    marks[0].record()
+    return marks
+
+
 def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, picker: TokenPicker,
                emitter: Emitter, should_stop: Callable[[], bool] | None, cfg: SpeculativeConfig) -> dict:
     """Speculative decoding loop; hidden [1, P, H] is the prefilled prompt's."""
-    device = hidden.device
-    drafter = MTPDrafter(model, hidden)
+    static = cuda_graphs.wants_static(hidden.device)
+    # Greedy without a repetition penalty, every choice is an argmax: on the static path they are taken on
+    # the device, and the accepted tokens are the step's only host read.
+    resident = static and picker.params.greedy and picker.params.repetition_penalty == 1.0
+    drafter = MTPDrafter(model, hidden, static, resident)
     control = draft_length_for(model, cfg)
     stats = SpecStats()
     tokens = list(prompt_ids)
@@ -283,11 +330,22 @@ def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, 
         N = len(tokens) - 1  # the newest token, not yet seen by the main model
         k = control.choose(min(emitter.remaining - 1, model.max_seq_len - N - 1))
         t0 = time.perf_counter()
+        marks = gpu_marks(hidden.device) if resident and k else None
         drafts, qs = drafter.draft(tokens, k, picker) if k else ([], [])
+        if marks:
+            marks[1].record()
         t1 = time.perf_counter()
-        h = model(torch.tensor([[tokens[N]] + drafts], device=device), N)  # [1, k+1, H]
+        ids = drafter.ids(tokens, drafts, N, N + k + 1)  # [last token, drafts]
+        if static:
+            h, logits = cuda_graphs.main_step(model, ids, N)
+        else:
+            h = model(ids, N)  # [1, k+1, H]
+            logits = model.logits(h)
         drafter.hidden[0][:, N:N + k + 1] = h
-        accepted, bonus = verify(model.logits(h)[0], drafts, qs, picker, cfg.accept_rule)
+        if resident:
+            accepted, bonus, drafts = verify_resident(logits[0], drafts)
+        else:
+            accepted, bonus = verify(logits[0], drafts, qs, picker, cfg.accept_rule)
         t2 = time.perf_counter()
         for i, t in enumerate(drafts[:accepted] + [bonus]):
             picker.commit(t)
@@ -295,6 +353,8 @@ def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, 
             if emitter.push(t, from_draft=i < accepted):
                 done = True
                 break
-        control.observe(k, accepted, time.perf_counter() - t0, t1 - t0)
-        stats.record(k, accepted, t1 - t0, t2 - t1)
+        # drafts kept on the GPU leave the host before they are computed: time them there (done by now)
+        draft_s = marks[0].elapsed_time(marks[1]) / 1000 if marks else t1 - t0
+        control.observe(k, accepted, time.perf_counter() - t0, draft_s)
+        stats.record(k, accepted, draft_s, t2 - t0 - draft_s)
     return stats.as_dict()

@@ -5,6 +5,10 @@ small rotary key of `qk_rope_head_dim` values shared by all heads; the cache hol
 Prefill from an empty cache expands the latent into per-head keys and values and runs SDPA. Decode
 and verification (a few new tokens against a long cache) absorb the key up-projection into the query
 and the value up-projection into the output, so attention runs directly on the cached latents.
+
+Positions come as a Python int (eager: the cache is sliced to the current length) or as a device tensor
+of positions (the static step: the cache is written at those positions and attended whole under a mask,
+so shapes never change and nothing is read back to the host; what CUDA graphs capture).
 """
 from __future__ import annotations
 
@@ -53,6 +57,12 @@ class LatentCache(torch.nn.Module):
         self.rope_key[:, start:end] = rope_key
         return self.latent[:, :end], self.rope_key[:, :end]
 
+    def write(self, input_pos: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor) -> None:
+        """Store the new tokens at positions input_pos [T] (a device tensor: no host read; the caller
+        checks the bounds, which it knows on the host)."""
+        self.latent.index_copy_(1, input_pos, latent)
+        self.rope_key.index_copy_(1, input_pos, rope_key)
+
 
 class MLA(torch.nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -81,21 +91,27 @@ class MLA(torch.nn.Module):
             q = self.q_up_proj(self.q_norm(self.q_down_proj(x)))
         return q.view(*x.shape[:2], self.n_heads, -1)  # [B, T, nh, nope+rope]
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cos, sin, start_pos: int | None) -> torch.Tensor:
-        """x [B, T, H]; start_pos None: causal attention within x only (training, scoring)."""
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cos, sin,
+                start_pos: int | torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, H]; start_pos None: causal attention within x only (training, scoring); an int: where
+        x starts in the cache; a tensor: the positions [T] of x (the static step)."""
         q_nope, q_rope = self.query(x).split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = rotary(q_rope, cos[:, None], sin[:, None])
         latent, k_rope = self.kv_down_proj(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_norm(latent), rotary(k_rope, cos, sin)  # [B, T, C], [B, T, R]
 
-        if start_pos is None or self.cache is None:
+        if isinstance(start_pos, torch.Tensor):
+            self.cache.write(start_pos, latent, k_rope)
+            out = self.attend_absorbed(q_nope, q_rope, self.cache.latent, self.cache.rope_key, start_pos)
+        elif start_pos is None or self.cache is None:
             out = self.attend_expanded(q_nope, q_rope, latent, k_rope)
         else:
             all_latent, all_rope = self.cache.update(start_pos, latent, k_rope)
             if start_pos == 0:
                 out = self.attend_expanded(q_nope, q_rope, latent, k_rope)
             else:
-                out = self.attend_absorbed(q_nope, q_rope, all_latent, all_rope, start_pos)
+                query_pos = torch.arange(start_pos, start_pos + x.shape[1], device=x.device)
+                out = self.attend_absorbed(q_nope, q_rope, all_latent, all_rope, query_pos)
         return self.out_proj(out.flatten(2))
 
     def attend_expanded(self, q_nope, q_rope, latent, k_rope):
@@ -109,15 +125,16 @@ class MLA(torch.nn.Module):
                                              is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, T, nh, v]
 
-    def attend_absorbed(self, q_nope, q_rope, all_latent, all_rope, start_pos: int):
-        """T new queries against S cached latents, never expanding them per head."""
-        T, S = q_nope.shape[1], all_latent.shape[1]
+    def attend_absorbed(self, q_nope, q_rope, all_latent, all_rope, query_pos: torch.Tensor):
+        """T new queries at positions query_pos [T] against S cached latents, never expanding them per
+        head. Cache position s is visible to query t iff s <= query_pos[t]: later ones are the future,
+        or stale entries of rejected drafts."""
+        S = all_latent.shape[1]
         w = self.kv_up_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_k, w_v = w[:, :self.nope_dim], w[:, self.nope_dim:]  # [nh, nope, C], [nh, v, C]
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k)
         scores = (torch.einsum("bthc,bsc->bhts", q_latent, all_latent)
                   + torch.einsum("bthr,bsr->bhts", q_rope, all_rope)) * self.softmax_scale
-        query_pos = torch.arange(start_pos, start_pos + T, device=scores.device)
         future = torch.arange(S, device=scores.device)[None, :] > query_pos[:, None]  # [T, S]
         probs = scores.float().masked_fill(future, float("-inf")).softmax(dim=-1).to(q_nope.dtype)
         out_latent = torch.einsum("bhts,bsc->bthc", probs, all_latent)

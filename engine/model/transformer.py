@@ -10,6 +10,13 @@ from engine.model.rope import RotaryEmbedding
 from engine.routing import Router
 
 
+def positions_of(tokens: torch.Tensor, start_pos: int | torch.Tensor | None) -> torch.Tensor:
+    """The positions [T] of tokens [B, T]: given as a tensor (static step) or counted from start_pos."""
+    if isinstance(start_pos, torch.Tensor):
+        return start_pos
+    return torch.arange(tokens.shape[1], device=tokens.device) + (start_pos or 0)
+
+
 class Block(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -98,15 +105,15 @@ class Transformer(torch.nn.Module):
                 idle += per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
         return {"total": main + mtp, "main": main, "mtp": mtp, "active_per_token": main - idle}
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] → final-normed hidden states [B, T, H].
 
         start_pos: where these tokens start in the caches (prefill 0, then decode); None runs causal
-        attention within `tokens` only and leaves the caches alone.
+        attention within `tokens` only and leaves the caches alone; a device tensor input_pos [T] runs
+        the static step (see `decode_step`).
         """
         x = self.embed(tokens)
-        positions = torch.arange(tokens.shape[1], device=tokens.device) + (start_pos or 0)
-        cos, sin = self.rotary.cos_sin(positions)
+        cos, sin = self.rotary.cos_sin(positions_of(tokens, start_pos))
         for block in self.layers:
             x = block(x, self.rotary, cos, sin, start_pos)
         return self.norm(x)
@@ -115,14 +122,29 @@ class Transformer(torch.nn.Module):
         return self.head(hidden).float()
 
     def mtp_forward(self, depth: int, hidden: torch.Tensor, next_tokens: torch.Tensor,
-                    start_pos: int | None = None) -> torch.Tensor:
+                    start_pos: int | torch.Tensor | None = None) -> torch.Tensor:
         """Run MTP module `depth` (0-based) over positions start_pos.. (see MTPModule.forward)."""
-        positions = torch.arange(next_tokens.shape[1], device=next_tokens.device) + (start_pos or 0)
-        cos, sin = self.rotary.cos_sin(positions)
+        cos, sin = self.rotary.cos_sin(positions_of(next_tokens, start_pos))
         return self.mtp[depth](hidden, next_tokens, self, cos, sin, start_pos)
 
     def mtp_logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.mtp[depth].logits(hidden, self)
+
+    # The static steps: positions as a device tensor input_pos [T], the caches written there and attended
+    # whole under a mask. Fixed shapes for a given T and no host reads, so a CUDA graph can capture them
+    # (engine/cuda_graphs.py); the caller checks on the host that the positions fit the caches.
+
+    def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [1, T] at positions input_pos [T] → (hidden [1, T, H], logits [1, T, V] fp32)."""
+        hidden = self(tokens, input_pos)
+        return hidden, self.logits(hidden)
+
+    def mtp_step(self, depth: int, hidden: torch.Tensor, next_tokens: torch.Tensor,
+                 input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` over positions input_pos [T] → (hidden [1, T, H], logits [1, V] fp32 of the
+        last position, the only one a draft is read from)."""
+        h = self.mtp_forward(depth, hidden, next_tokens, input_pos)
+        return h, self.mtp_logits(depth, h[:, -1])
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
