@@ -93,15 +93,20 @@ class Transformer(torch.nn.Module):
 
     def param_counts(self) -> dict:
         """Total parameters (MTP modules apart) and those the main model uses for one token: routed
-        experts beyond the chosen top-k and the embedding table (a lookup, not a product) excluded."""
+        experts beyond the chosen top-k and the embedding table (a lookup, not a product) excluded.
+        A quantized weight counts its values, not its bytes."""
+        from engine.quant import logical_weights
+
         cfg = self.cfg
-        main = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("mtp."))
-        mtp = sum(p.numel() for n, p in self.named_parameters() if n.startswith("mtp."))
-        idle = self.embed.weight.numel()
-        for block in self.layers:
-            experts = getattr(block.ffn, "experts", None)
-            if experts is not None:
-                per_expert = experts.gate_up[0].numel() + experts.down[0].numel()
+        sizes = {n: p.numel() for n, p in self.named_parameters()}
+        sizes |= {n: t.numel() for n, t in logical_weights(self).items()}
+        main = sum(v for n, v in sizes.items() if not n.startswith("mtp."))
+        mtp = sum(v for n, v in sizes.items() if n.startswith("mtp."))
+        idle = sizes["embed.weight"]
+        for i, block in enumerate(self.layers):
+            if hasattr(block.ffn, "experts"):
+                per_expert = (sizes[f"layers.{i}.ffn.experts.gate_up"] + sizes[f"layers.{i}.ffn.experts.down"]) \
+                    // cfg.n_routed_experts
                 idle += per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
         return {"total": main + mtp, "main": main, "mtp": mtp, "active_per_token": main - idle}
 
