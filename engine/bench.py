@@ -153,8 +153,8 @@ def _sum_lists(runs, key):
 
 
 def environment(pre: Pretrained) -> dict:
-    dev = pre.model.embed.weight.device
-    return {"model": str(pre.path), "device": str(dev), "dtype": str(pre.model.embed.weight.dtype),
+    dev = pre.model.norm.weight.device  # never quantized: the device and compute dtype
+    return {"model": str(pre.path), "device": str(dev), "dtype": str(pre.model.norm.weight.dtype),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "processor": platform.processor(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}

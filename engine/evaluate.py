@@ -17,7 +17,7 @@ def token_nll(model, ids: list[int], window: int) -> tuple[float, int]:
     window/2 tokens of context.
     """
     window = min(window, model.cfg.max_position_embeddings)
-    device = model.embed.weight.device
+    device = model.norm.weight.device  # never quantized
     total, count, scored_to = 0.0, 0, 1  # ids[0] has no context and is never scored
     start = 0
     while scored_to < len(ids):

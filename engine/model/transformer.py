@@ -72,12 +72,12 @@ class Transformer(torch.nn.Module):
 
     def reset_rotary(self) -> None:
         """Recompute the rotary frequencies (a model built on the meta device has none)."""
-        device = self.embed.weight.device
+        device = self.norm.weight.device
         self.rotary = RotaryEmbedding(self.cfg.rope, self.cfg.qk_rope_head_dim, self.cfg.rope_interleave).to(device)
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
         """Allocate the latent caches of the main layers and of every MTP module."""
-        cfg, p = self.cfg, self.embed.weight
+        cfg, p = self.cfg, self.norm.weight
         self.max_seq_len = max_seq_len
         for block in [*self.layers, *(m.block for m in self.mtp)]:
             block.attn.cache = LatentCache(max_batch, max_seq_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
