@@ -133,6 +133,21 @@ def test_fp8_checkpoint_kept_as_fp8_computes_like_its_dequantized_weights(tiny, 
     assert (a - b).abs().max() < 0.05 * b.abs().max()  # the kept path multiplies in bf16
 
 
+def test_fp8_checkpoint_loads_as_fp8_where_the_device_supports_it(tiny, tmp_path, monkeypatch):
+    """What a GPU with FP8 (and Triton) does: weights and block scales stored as they are in the file."""
+    import engine.model.checkpoint as checkpoint
+
+    model = load_model(tiny, device="cpu", quant=QuantSpec("fp8", block=(16, 16)))
+    save_model(model, tmp_path)
+    monkeypatch.setattr(checkpoint, "fp8_supported", lambda dev: True)
+    kept = load_model(tmp_path, device="cpu")
+    assert model_spec(kept) == QuantSpec("fp8", block=(16, 16))
+    assert kept.layers[1].ffn.experts.gate_up_qweight.dtype == torch.float8_e4m3fn
+    a, b = model.state_dict(), kept.state_dict()
+    assert all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+                           b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]) for k in a)
+
+
 def test_bad_quantized_checkpoints_give_clear_errors(tiny, tmp_path):
     save_model(load_model(tiny, device="cpu", quant=QuantSpec("int4", 32)), tmp_path)
     with pytest.raises(ModelLoadError, match="already quantized"):
