@@ -9,6 +9,8 @@ Routing runs in fp32 whatever the model dtype, as the reference implementations 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,9 @@ class Router(torch.nn.Module):
         # Score-correction bias: shifts which experts are chosen, never their weights.
         self.register_buffer("bias", torch.zeros(self.n_experts, dtype=torch.float32))
         self.load: torch.Tensor | None = None  # tokens routed to each expert, while tracking
+        # Routing tuning (GRPO) samples experts instead of taking the top-k: policy(router, scores,
+        # choice) → ids [N, k], given the affinities and the (biased, group-masked) selection scores.
+        self.policy: Callable[["Router", torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def track_load(self, enabled: bool = True) -> None:
         self.load = torch.zeros(self.n_experts, dtype=torch.long, device=self.bias.device) if enabled else None
@@ -51,7 +56,10 @@ class Router(torch.nn.Module):
         scores = self.scores(x)
         choice = scores + self.bias if self.method == "noaux_tc" else scores
         choice = self.mask_groups(choice)
-        ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        if self.policy is not None:
+            ids = self.policy(self, scores, choice)
+        else:
+            ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
         if self.load is not None:
             self.load += torch.bincount(ids.flatten(), minlength=self.n_experts)
         return self.weights_of(scores, ids), ids
