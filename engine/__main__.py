@@ -11,6 +11,9 @@ from pathlib import Path
 from engine.paths import ROOT
 
 DEFAULT_TINY_DIR = ROOT / ".cache" / "tiny-model"
+ONLINE_BALANCE_HELP = ("move each router's score-correction bias by GAMMA toward balance after every step "
+                       "(off by default: it changes routing, so it can change greedy output; on CUDA it "
+                       "decodes without graphs)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_quant_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     if several:
         p.add_argument("--quant", default="none",
-                       help="comma-separated weight variants to time in one run: none,int8,int4")
+                       help="comma-separated weight variants to time in one run: none (--dtype), fp32, bf16, "
+                            "int8, int4")
     else:
         p.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
                        help="quantize the weights while loading (weight-only)")
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mtp: draft with the model's own MTP modules and verify in one pass")
     g.add_argument("--k", default="auto", help="drafts per step (1, 2, ...) or auto")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--online-balance", type=float, default=None, metavar="GAMMA", help=ONLINE_BALANCE_HELP)
     _add_quant_args(g)
 
     b = sub.add_parser("bench", help="decode speed with speculation off and on, interleaved, medians")
@@ -65,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=3)
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--json", dest="json_out", default=None, help="write the full results to this file")
+    b.add_argument("--online-balance", type=float, default=None, metavar="GAMMA", help=ONLINE_BALANCE_HELP)
     _add_quant_args(b, several=True)
 
-    e = sub.add_parser("eval", help="perplexity of a text file")
+    e = sub.add_parser("eval", help="perplexity of a text file, and routing statistics (engine/routing_stats.py)")
     _add_model_args(e)
     e.add_argument("--text-file", required=True)
     e.add_argument("--window", type=int, default=512, help="tokens scored per forward pass")
@@ -86,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--work", default=None, help="data and checkpoints (default: .cache/train-default)")
     d.add_argument("--minutes", type=float, default=80.0, help="time budget for the whole build")
     d.add_argument("--seed", type=int, default=0)
+
+    r = sub.add_parser("tune-routing", help="tune the MoE routers with GRPO (resumable; only router tensors change)")
+    r.add_argument("--model", default=None, help="model folder; default: the bundled model")
+    r.add_argument("--data", default=None, help="text file to tune on (default: the bundled model's training data)")
+    r.add_argument("--out", required=True, help="folder for the tuned checkpoint, its log and resume state")
+    r.add_argument("--steps", type=int, default=None, help="GRPO steps (default 300)")
+    r.add_argument("--group-size", dest="group", type=int, default=None, help="G rollouts per batch (default 8)")
+    for name, kind, what in [("batch", int, "token windows per step"), ("seq-len", int, "tokens per window"),
+                             ("chunk", int, "tokens per scored unit"), ("window", int, "verification window (union)"),
+                             ("temperature", float, "policy temperature τ"), ("lr", float, "Adam learning rate"),
+                             ("epochs", int, "clipped updates per batch"), ("clip", float, "PPO ratio clip"),
+                             ("kl", float, "β of the KL penalty to the starting router"),
+                             ("lambda-bal", float, "weight of max/mean load − 1"),
+                             ("lambda-ent", float, "weight of the routing entropy"),
+                             ("lambda-union", float, "weight of the expert union per window"),
+                             ("rebalance-steps", int, "bias re-balancing batches after GRPO"),
+                             ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:
+        r.add_argument(f"--{name}", type=kind, default=None, help=what or None)
 
     t = sub.add_parser("init-tiny", help="write a small random-weight model (for tests and trying things)")
     t.add_argument("--out", default=str(DEFAULT_TINY_DIR))
@@ -126,7 +150,7 @@ def cmd_generate(args) -> int:
     spec = None if args.speculative == "off" else \
         SpeculativeConfig(mode=args.speculative, k=args.k if args.k == "auto" else int(args.k))
     result = generate(pre.model, prompt_ids, params, tokenizer=pre.tokenizer, eos_ids=pre.eos_ids,
-                      on_text=None if args.json else stream, speculative=spec)
+                      on_text=None if args.json else stream, speculative=spec, online_balance=args.online_balance)
     if args.json:
         print(json.dumps({"token_ids": result.token_ids, "text": result.text, "prompt_ids": prompt_ids,
                           "finish_reason": result.finish_reason, "stats": result.stats}))
@@ -147,14 +171,28 @@ def cmd_eval(args) -> int:
     pre = load_pretrained(args.model, device=args.device, dtype=args.dtype, quant=quant_spec(args, args.quant))
     text = Path(args.text_file).read_text(encoding="utf-8")
     t0 = time.perf_counter()
-    res = perplexity(pre, text, window=args.window)
+    res = perplexity(pre, text, window=args.window, routing=True)
     res["seconds"] = time.perf_counter() - t0
     res["quantization"] = args.quant
     if args.json:
         print(json.dumps(res))
     else:
         print(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens")
+        if res["routing"]:
+            print(format_routing(res["routing"]))
     return 0
+
+
+def format_routing(r: dict) -> str:
+    """The overall routing statistics of `engine eval` in one line (engine/routing_stats.py defines them)."""
+    union = " ".join(f"{v:.2f}" if v is not None else "-" for v in r["expert_union"].values())
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+    return (f"routing (top-{r['top_k']} of {r['experts']}, mean of {len(r['layers'])} MoE layers): "
+            f"max/mean load {f(r['max_mean_load'])} (worst layer {f(r['max_mean_load_worst'])}), "
+            f"cv {f(r['cv'])}, entropy {f(r['entropy'])} of {r['max_entropy']:.3f} nats, "
+            f"experts per window of k+1 tokens, k={','.join(r['expert_union'])}: {union}")
 
 
 def cmd_bench(args) -> int:
@@ -167,9 +205,10 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     names = [v.strip() for v in args.quant.split(",") if v.strip()] or ["none"]
     models = {}
-    for name in names:
-        spec = quant_spec(args, name)
-        pre = load_pretrained(args.model, device=args.device, dtype=args.dtype, quant=spec)
+    for name in names:  # a dtype name is the unquantized model in that dtype
+        dtype = name if name in ("fp32", "bf16", "fp16") else args.dtype
+        spec = None if dtype is not args.dtype else quant_spec(args, name)
+        pre = load_pretrained(args.model, device=args.device, dtype=dtype, quant=spec)
         models[name if spec else str(pre.model.norm.weight.dtype).removeprefix("torch.")] = pre
     modes = [m.strip() for m in args.speculative.split(",") if m.strip()]
     if "mtp" in modes and not pre.model.mtp:
@@ -181,10 +220,12 @@ def cmd_bench(args) -> int:
     def progress(done, total):
         print(f"\r{done}/{total} runs", end="", file=sys.stderr, flush=True)
 
-    result = run_bench(models, load_prompts(args.prompts), configs, args.max_tokens, args.repeat, progress)
+    result = run_bench(models, load_prompts(args.prompts), configs, args.max_tokens, args.repeat, progress,
+                       online_balance=args.online_balance)
     print(file=sys.stderr)
     result["environment"] = environment(pre)
-    result["settings"] = {"max_tokens": args.max_tokens, "repeat": args.repeat, "temperature": 0}
+    result["settings"] = {"max_tokens": args.max_tokens, "repeat": args.repeat, "temperature": 0,
+                          "online_balance": args.online_balance}
     print(format_table(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
@@ -233,6 +274,14 @@ def cmd_train_default(args) -> int:
     return 0
 
 
+def cmd_tune_routing(args) -> int:
+    from engine.train.tune_routing import settings_from, tune
+
+    out = tune(args.model, args.out, settings_from(args), data=args.data, emit=lambda line: print(line, flush=True))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_init_tiny(args) -> int:
     from engine.tiny import v2_lite_config, write_tiny_model
 
@@ -265,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         default_model(args)
         return {"generate": cmd_generate, "eval": cmd_eval, "bench": cmd_bench,
                 "train-default": cmd_train_default, "init-tiny": cmd_init_tiny,
-                "quantize": cmd_quantize}[args.command](args)
+                "quantize": cmd_quantize, "tune-routing": cmd_tune_routing}[args.command](args)
     except (ModelLoadError, ChatTemplateError, ValueError, FileNotFoundError) as e:
         # A bad file or argument is the user's to fix: one clear line, no traceback.
         print(f"error: {e}", file=sys.stderr)

@@ -7,9 +7,9 @@ router's gate and score-correction bias (routing decisions are cheap and sensiti
 whose weight the absorbed MLA attention multiplies through directly (under 3% of a V3 layer's weights).
 
 Products: on CUDA the Triton kernels (kernels/); on the CPU torch's own weight-only kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which want bf16 activations — measured
-4-9× faster than fp32 F.linear for a decode row (docs/quantization.md); anything they cannot take
-falls back to the reference product of kernels/reference.py.
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which want bf16 activations: for a decode row
+about 9× faster than fp32 F.linear and 4× than bf16 (docs/quantization.md). A shape they cannot take
+gets a bf16 copy of that one layer.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from kernels import use_triton
 from kernels.formats import INT4_GROUPS, QWeight, dequantize, quantize_fp8, quantize_int4, quantize_int8
 from engine.model.moe import Experts
 
-SCHEMES = ("int8", "int4")
 KEEP_DENSE = ("kv_up_proj", "router")  # module names never quantized (see the module docstring)
 
 
@@ -180,7 +179,7 @@ class QuantExperts(Experts):
     def set_expert_part(self, name: str, e: int, rows: slice, part: str, t: torch.Tensor) -> None:
         """rows: the expert's weight rows that `t` covers (gate or up half of gate_up, or all)."""
         if self.spec.fmt == "fp8" and part == "scale" and rows.stop is not None:
-            bn = self.spec.block[0]  # one scale per block of rows (set_stored checks they align)
+            bn = self.spec.block[0]  # one scale per block of rows (stored_specs checks they align)
             rows = slice(rows.start // bn, rows.stop // bn)
         getattr(self, f"{name}_{part}")[e][rows].copy_(t)
         self._cpu = None
