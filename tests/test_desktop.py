@@ -147,3 +147,16 @@ def test_screenshot_renders_without_torch(tmp_path):
     from PySide6.QtGui import QImage
     img = QImage(str(shot))
     assert img.width() >= 1000 and img.height() >= 650
+
+
+def test_choosing_int4_weights_reloads_the_model_quantized(qtbot, app_window):
+    window, session, store = app_window
+    with qtbot.waitSignal(session.sig_model, timeout=60000, check_params_cb=lambda m: m is not None) as blocker:
+        window.settings.weights.setCurrentIndex(window.settings.weights.findData("int4"))
+    assert blocker.args[0]["quantization"] == "int4 (group 64)" and session.settings.quant == "int4"
+    assert "int4" in window.model_label.text()
+    assert store.get_setting("generation")["quant"] == "int4"  # remembered for the next start
+    send(qtbot, window, session, "Hello quantized", max_tokens=8)
+    with qtbot.waitSignal(session.sig_busy, timeout=60000, check_params_cb=lambda b: not b):
+        pass
+    assert session.thread()[-1]["status"] == "complete"
