@@ -7,26 +7,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
-import time
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from engine.quant import cpu_pack, cpu_product
-from kernels.formats import quantize_int4, quantize_int8
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine import cuda_graphs  # noqa: E402
+from engine.quant import cpu_pack, cpu_product  # noqa: E402
+from kernels.formats import quantize_int4, quantize_int8  # noqa: E402
 
 
 def median_ms(fn, n: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return cuda_graphs.median_ms(fn, n, cuda=False, warmup=5)
 
 
 def torchao_rows(w: torch.Tensor, x: torch.Tensor) -> dict:
