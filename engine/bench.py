@@ -67,21 +67,25 @@ def prompt_ids(pre: Pretrained, prompt: dict) -> list[int]:
 
 
 def run_bench(models: Pretrained | dict[str, Pretrained], prompts: list[dict], configs: list[BenchConfig],
-              max_tokens: int = 128, repeat: int = 3, progress=None) -> dict:
-    """models: one model, or variants of one model by name (BenchConfig.variant), all timed in one run."""
+              max_tokens: int = 128, repeat: int = 3, progress=None, online_balance: float | None = None) -> dict:
+    """models: one model, or variants of one model by name (BenchConfig.variant), all timed in one run.
+    online_balance: γ of online bias balancing in every run (engine.generate); it can change the output, so
+    `identical_to_off` may turn false, and on CUDA it decodes without graphs."""
     models = models if isinstance(models, dict) else {"": models}
     params = SamplingParams(max_tokens=max_tokens)  # greedy: outputs must be identical across configs
     first = next(iter(models.values()))
     encoded = [(p["name"], prompt_ids(first, p)) for p in prompts]
     for cfg in configs:  # warm-up, untimed: allocations, and the draft-length controller's first probes
-        generate(models[cfg.variant].model, encoded[0][1], params, speculative=cfg.speculative)
+        generate(models[cfg.variant].model, encoded[0][1], params, speculative=cfg.speculative,
+                 online_balance=online_balance)
     runs = []
     for r in range(repeat):
         for name, ids in encoded:
             order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate to spread drift
             for cfg in order:
                 pre = models[cfg.variant]
-                res = generate(pre.model, ids, params, eos_ids=pre.eos_ids, speculative=cfg.speculative)
+                res = generate(pre.model, ids, params, eos_ids=pre.eos_ids, speculative=cfg.speculative,
+                               online_balance=online_balance)
                 runs.append({"round": r, "prompt": name, "config": cfg.name, "variant": cfg.variant,
                              "token_ids": res.token_ids, "stats": res.stats})
                 if progress:

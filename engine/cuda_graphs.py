@@ -56,17 +56,19 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
 
 @contextmanager
 def load_counting_paused(model: torch.nn.Module):
-    """Expert-load counting (Router.load) counts with bincount, which reads the device on CUDA: a capture
-    cannot hold it, so captures (and their warm-ups) run without it and graphed steps go uncounted."""
-    routers = [m for m in model.modules() if isinstance(m, Router) and m.load is not None]
-    loads = [r.load for r in routers]
+    """Expert-load counting (Router.load) adds into a buffer that each `track_load` replaces: a graph would
+    keep adding into the buffer it was captured with, freed by then, so captures (and their warm-ups) run
+    without it and graphed steps go uncounted. (The counting itself no longer reads the device.) Routing
+    observers (engine.routing_stats) pause too: the warm-ups would record the step's tokens twice more."""
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    saved = [(r.load, r.observe) for r in routers]
     for r in routers:
-        r.load = None
+        r.load = r.observe = None
     try:
         yield
     finally:
-        for r, load in zip(routers, loads):
-            r.load = load
+        for r, (load, observe) in zip(routers, saved):
+            r.load, r.observe = load, observe
 
 
 class GraphedStep:

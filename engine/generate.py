@@ -13,6 +13,7 @@ import torch
 
 from engine import cuda_graphs
 from engine.model.transformer import Transformer
+from engine.routing import balanced_online, online_balancing
 from engine.sampling import (SamplingParams, apply_repetition_penalty, make_generator, probs_from_logits,
                              sample)
 from engine.tokenizer import Tokenizer
@@ -172,7 +173,7 @@ def decode_plain(model: Transformer, hidden: torch.Tensor, picker: TokenPicker, 
     pos = hidden.shape[1]
     logits = model.logits(hidden[:, -1])[0]
     device = hidden.device
-    static = cuda_graphs.wants_static(device)
+    static = cuda_graphs.wants_static(device) and not online_balancing(model)
     while True:
         if should_stop and should_stop():
             emitter.finish = "cancelled"
@@ -194,8 +195,25 @@ def generate(model: Transformer, prompt_ids: list[int], params: SamplingParams,
              on_text: Callable[[str], None] | None = None,
              on_token: Callable[[int, bool], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
-             speculative: "SpeculativeConfig | None" = None) -> GenerationResult:
-    """Prefill, then decode plainly or with MTP speculation (`speculative.mode == "mtp"`)."""
+             speculative: "SpeculativeConfig | None" = None,
+             online_balance: float | None = None) -> GenerationResult:
+    """Prefill, then decode plainly or with MTP speculation (`speculative.mode == "mtp"`).
+
+    online_balance γ (off by default): after every forward pass each main-model router moves its bias by
+    γ toward balance, from that pass's expert loads (engine/routing.py). It changes routing, so it can
+    change the output (greedy too, and speculative greedy output may then differ from plain) versus the
+    checkpoint's bias; the bias is put back when the request ends. On CUDA it decodes without graphs."""
+    if not online_balance:
+        return _generate(model, prompt_ids, params, tokenizer, eos_ids, on_text, on_token, should_stop, speculative)
+    with balanced_online(model, online_balance):
+        result = _generate(model, prompt_ids, params, tokenizer, eos_ids, on_text, on_token, should_stop,
+                           speculative)
+    result.stats["online_balance"] = online_balance
+    return result
+
+
+def _generate(model, prompt_ids, params, tokenizer, eos_ids, on_text, on_token, should_stop,
+              speculative) -> GenerationResult:
     from engine.speculative import decode_mtp, draft_room
 
     if not prompt_ids:

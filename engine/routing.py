@@ -6,9 +6,16 @@ the chosen experts, normalized when `norm_topk_prob`, times `routed_scaling_fact
 DeepSeek-V2: softmax scores; `greedy` top-k, or `group_limited_greedy` ranking groups by their best score;
 the weights are normalized when `norm_topk_prob`, otherwise scaled by `routed_scaling_factor`.
 Routing runs in fp32 whatever the model dtype, as the reference implementations do.
+
+Balancing (V3 routers only: only `noaux_tc` selection reads the bias). Training:
+count each expert's tokens over a batch (`track_load`), then `balance_bias(γ)`. Inference, optional
+and off by default (`online_step = γ`): after every forward pass the bias moves by γ from that pass's
+own counts. That changes which experts are chosen, so it can change the output (greedy included)
+versus the checkpoint's bias; `engine.generate` restores the bias after each request.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -34,9 +41,19 @@ class Router(torch.nn.Module):
         # Routing tuning (GRPO) samples experts instead of taking the top-k: policy(router, scores,
         # choice) → ids [N, k], given the affinities and the (biased, group-masked) selection scores.
         self.policy: Callable[["Router", torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # Routing statistics (engine.routing_stats): observe(router, scores, ids) after each selection.
+        self.observe: Callable[["Router", torch.Tensor, torch.Tensor], None] | None = None
+        self.online_step: float | None = None  # γ of online balancing at inference; None: off
 
     def track_load(self, enabled: bool = True) -> None:
         self.load = torch.zeros(self.n_experts, dtype=torch.long, device=self.bias.device) if enabled else None
+
+    def count(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens per expert [E] (int64) of ids [N, k]. index_add_ into a fresh buffer of known size never
+        reads the device (bincount sizes its output from the data, a host synchronisation on CUDA)."""
+        flat = ids.flatten()
+        return torch.zeros(self.n_experts, dtype=torch.long, device=ids.device).index_add_(
+            0, flat, torch.ones_like(flat))
 
     @torch.no_grad()
     def balance_bias(self, step: float) -> None:
@@ -61,7 +78,12 @@ class Router(torch.nn.Module):
         else:
             ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
         if self.load is not None:
-            self.load += torch.bincount(ids.flatten(), minlength=self.n_experts)
+            self.load += self.count(ids)
+        if self.observe is not None:
+            self.observe(self, scores, ids)
+        if self.online_step:  # after this pass's selection: the next pass sees the moved bias
+            load = self.count(ids).float()
+            self.bias += self.online_step * torch.sign(load.mean() - load)
         return self.weights_of(scores, ids), ids
 
     def mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
@@ -87,3 +109,33 @@ class Router(torch.nn.Module):
         if self.norm_topk_prob:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return w * self.scaling
+
+
+def moe_routers(model: torch.nn.Module) -> list[Router]:
+    """The routers of the main model's MoE layers, in layer order (MTP modules' left out)."""
+    return [b.ffn.router for b in model.layers if isinstance(getattr(b.ffn, "router", None), Router)]
+
+
+def online_balancing(model: torch.nn.Module) -> bool:
+    """Whether a router of the model balances online. Such steps run eagerly: a CUDA graph would bake the
+    bias update in and replay it in later requests, with balancing off."""
+    return any(isinstance(m, Router) and m.online_step for m in model.modules())
+
+
+@contextmanager
+def balanced_online(model: torch.nn.Module, step: float):
+    """Online balancing with γ = step on the main model's V3 routers for the duration; their biases are put
+    back afterwards, so one request's drift never reaches the next."""
+    routers = [r for r in moe_routers(model) if r.method == "noaux_tc"]
+    if not routers:
+        raise ValueError("online balancing moves the score-correction bias, which only DeepSeek-V3-style "
+                         "routers (topk_method noaux_tc) use; this model has none")
+    saved = [r.bias.clone() for r in routers]
+    for r in routers:
+        r.online_step = step
+    try:
+        yield routers
+    finally:
+        for r, bias in zip(routers, saved):
+            r.online_step = None
+            r.bias.copy_(bias)

@@ -26,6 +26,7 @@ import torch
 from engine import cuda_graphs
 from engine.generate import Emitter, TokenPicker
 from engine.model.transformer import Transformer
+from engine.routing import online_balancing
 from engine.sampling import sample
 
 AcceptRule = Callable[[float, float], float]
@@ -312,7 +313,7 @@ def gpu_marks(device: torch.device) -> list | None:
 def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, picker: TokenPicker,
                emitter: Emitter, should_stop: Callable[[], bool] | None, cfg: SpeculativeConfig) -> dict:
     """Speculative decoding loop; hidden [1, P, H] is the prefilled prompt's."""
-    static = cuda_graphs.wants_static(hidden.device)
+    static = cuda_graphs.wants_static(hidden.device) and not online_balancing(model)
     # Greedy without a repetition penalty, every choice is an argmax: on the static path they are taken on
     # the device, and the accepted tokens are the step's only host read.
     resident = static and picker.params.greedy and picker.params.repetition_penalty == 1.0

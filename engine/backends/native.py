@@ -14,7 +14,8 @@ from engine.model.errors import ModelLoadError
 from engine.pretrained import Pretrained, load_pretrained
 from engine.quant import QuantSpec, model_spec, weight_bytes
 from engine.protocol import Done, Generate, Load, Token
-from engine.routing import Router
+from engine.routing import moe_routers
+from engine.routing_stats import RoutingRecorder, rounded
 from engine.sampling import SamplingParams
 from engine.speculative import SpeculativeConfig
 from engine.tokenizer import ChatTemplateError
@@ -104,19 +105,29 @@ class NativeBackend(Backend):
             raise BackendError("unsupported", f"speculative mode {spec_req.mode!r} needs the llama.cpp backend")
         ids = self.prompt_ids(request)
         from_draft = [False]
+        # Routing statistics of the generated tokens: the first token comes right after the prompt's
+        # prefill, whose rows are dropped then. With speculation the rows are the verification passes',
+        # drafts later rejected included. Graphed CUDA steps go unrecorded (see RoutingRecorder).
+        recorder = RoutingRecorder(self.pre.model)
+        first_token = [True]
 
         def on_token(token: int, draft: bool) -> None:
+            if first_token[0]:
+                first_token[0] = False
+                recorder.clear()
             from_draft[0] = draft
 
         def on_text(text: str) -> None:
             emit(Token(id=request.id, text=text, accepted=from_draft[0]))
 
-        routers = [b.ffn.router for b in self.pre.model.layers if isinstance(getattr(b.ffn, "router", None), Router)]
+        routers = moe_routers(self.pre.model)
         for r in routers:
             r.track_load(True)
         try:
-            result = generate(self.pre.model, ids, params, tokenizer=self.pre.tokenizer, eos_ids=self.pre.eos_ids,
-                              on_text=on_text, on_token=on_token, should_stop=cancelled, speculative=spec)
+            with recorder:
+                result = generate(self.pre.model, ids, params, tokenizer=self.pre.tokenizer,
+                                  eos_ids=self.pre.eos_ids, on_text=on_text, on_token=on_token,
+                                  should_stop=cancelled, speculative=spec)
         except ValueError as e:  # prompt longer than the context, and the like
             raise BackendError("bad_request", str(e)) from e
         finally:
@@ -124,6 +135,8 @@ class NativeBackend(Backend):
             for r in routers:
                 r.track_load(False)
         result.stats["expert_load"] = loads
+        if recorder.routers:  # per MoE layer: max/mean load, cv, entropy, expert union for k = 1..4
+            result.stats["routing"] = rounded(recorder.summary(per_expert=False))
         return Done(id=request.id, finish_reason=result.finish_reason, text=result.text, stats=result.stats)
 
     def unload(self) -> None:

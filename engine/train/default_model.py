@@ -176,6 +176,12 @@ def progress_line(stage: str, step: int, total: int, parts: dict, tok_s: float, 
     return f"\r{stage} [{'#' * done}{'.' * (width - done)}] {step}/{total} {losses} {tok_s:,.0f} tok/s eta {eta_s / 60:.0f}m"
 
 
+def max_mean_load(routers: list[Router]) -> float | None:
+    """The busiest expert's tokens over the mean, averaged over routers, from their counted loads."""
+    loads = [r.load.float() for r in routers if r.load is not None and r.load.sum() > 0]
+    return round(sum(float(x.max() / x.mean()) for x in loads) / len(loads), 4) if loads else None
+
+
 def pretrain(work: Path, s: TrainSettings, budget_s: float) -> Transformer:
     torch.manual_seed(s.seed)
     model = new_model(s.seed).train()
@@ -207,13 +213,15 @@ def pretrain(work: Path, s: TrainSettings, budget_s: float) -> Transformer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        # auxiliary-loss-free balancing after each batch; first note the batch's imbalance for the log
+        imbalance = max_mean_load(routers) if (step + 1) % 10 == 0 else None
         for r in routers:
             r.balance_bias(s.bias_step)
         step += 1
         tok_s = step * s.batch * s.seq_len / max(elapsed, 1e-9) if elapsed else 0
         if step % 10 == 0:
             logf.write(json.dumps({"step": step, "lr": opt.param_groups[0]["lr"], **parts,
-                                   "elapsed_s": round(elapsed, 1)}) + "\n")
+                                   "max_mean_load": imbalance, "elapsed_s": round(elapsed, 1)}) + "\n")
             logf.flush()
             eta = (total - step) * elapsed / step if state["total"] else 0
             print(progress_line("pretrain", step, state["total"] or 0, parts, tok_s, eta),
