@@ -7,22 +7,29 @@ import torch.nn.functional as F
 from engine.model.transformer import Transformer
 
 
-def lm_and_mtp_losses(model: Transformer, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def lm_and_mtp_losses(model: Transformer, tokens: torch.Tensor, reduction: str = "mean"
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """tokens [B, T] → (main next-token CE, [CE of MTP depth k predicting token i+k+1, k = 1..D]).
 
     Depth k at position i combines depth k-1's hidden state at i with the embedding of token i+k, so
-    each depth scores one position fewer than the one before.
+    each depth scores one position fewer than the one before. reduction "none": per position,
+    main [B, T-1] (position i predicts token i+1) and depth k [B, T-k-1] (position i).
     """
     hidden = model(tokens)  # [B, T, H], causal attention, no cache
-    lm = F.cross_entropy(model.logits(hidden[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
-    mtp, T = [], tokens.shape[1]
+    B, T = tokens.shape
+
+    def ce(logits, targets):
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss if reduction == "mean" else loss.view(B, -1)
+
+    lm = ce(model.logits(hidden[:, :-1]), tokens[:, 1:])
+    mtp = []
     for k in range(1, len(model.mtp) + 1):
         n = T - k - 1  # positions i = 0..T-k-2
         if n <= 0:
             break
         hidden = model.mtp_forward(k - 1, hidden[:, :n], tokens[:, k:k + n])
-        logits = model.mtp_logits(k - 1, hidden)
-        mtp.append(F.cross_entropy(logits.flatten(0, 1), tokens[:, k + 1:k + 1 + n].flatten()))
+        mtp.append(ce(model.mtp_logits(k - 1, hidden), tokens[:, k + 1:k + 1 + n]))
     return lm, mtp
 
 

@@ -1,0 +1,454 @@
+"""`python -m engine tune-routing`: tune every MoE router with Group Relative Policy Optimization.
+
+Policy: each router's selection scores (affinities + score-correction bias, group-masked) over a
+temperature τ; while tuning, the top-k experts are *sampled* without replacement (Gumbel top-k, whose
+ordered sample has the Plackett–Luce probability); at inference routing stays the deterministic top-k.
+Group masking is part of the environment: the groups a token may use are the ones the deterministic
+rule keeps, and the policy samples experts inside them.
+
+Each step takes B token windows and routes them G times (one batched forward under no_grad; rewards
+only, no backprop through the network). A rollout is scored per chunk of `chunk` tokens of one
+window (the chunk's decisions in every layer share its advantage, which keeps the credit local):
+  reward = −(LM + MTP loss) − λ_bal·(max/mean load − 1) − λ_ent·routing entropy − λ_union·expert union
+with the load imbalance taken over the whole rollout, the routing entropy and the union = distinct
+experts per window of `window` consecutive tokens (one verification pass of speculative decoding) over
+the main layers; entropy as engine/routing_stats.py defines it (what `engine eval` reports).
+Advantages are normalized over the G rollouts of the same chunk; the objective is PPO's clipped ratio
+per routing decision plus β·KL(policy ‖ starting router) (exact, per token, over the first pick).
+Only the router weights are in the optimizer; the score-correction bias follows DeepSeek-V3's
+auxiliary-loss-free rule on the rollouts' loads after every step (learning it by reward would let the
+union fall by sending every token to the same few experts), and is re-balanced on deterministic
+routing after the GRPO steps, so load stays even. Those are the only tensors that change.
+
+The output folder holds the input checkpoint with only `mlp.gate.weight` and
+`mlp.gate.e_score_correction_bias` replaced (checked before it is written), its config and tokenizer,
+tune_log.jsonl (one line per step), tuning.json, and tune_state/ (router tensors and optimizer state
+before re-balancing) to resume from, or to continue with more --steps.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from engine.model.checkpoint import checkpoint_files, load_model, official_name
+from engine.model.transformer import Transformer
+from engine.routing import Router
+from engine.routing_stats import routing_entropy
+from engine.train.mtp_loss import lm_and_mtp_losses
+
+ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+STATE, LOG = "tune_state", "tune_log.jsonl"  # STATE: a folder (its tensors are no model shard)
+
+
+@dataclass
+class TuneSettings:
+    steps: int = 300
+    group: int = 8  # G routings of the same tokens
+    batch: int = 8  # token windows per step
+    seq_len: int = 64
+    chunk: int = 16  # tokens per scored unit of a rollout
+    window: int = 4  # tokens per verification window (union)
+    temperature: float = 0.05
+    lr: float = 1e-3
+    epochs: int = 2  # policy updates per batch of rollouts
+    clip: float = 0.2
+    kl: float = 0.05  # β
+    lambda_bal: float = 1.0
+    lambda_ent: float = 0.0
+    lambda_union: float = 0.3
+    mtp_weight: float = 0.3
+    rebalance_steps: int = 60
+    bias_step: float = 1e-3  # γ: per step while tuning, shrinking to 0 over the re-balancing
+    seed: int = 0
+    checkpoint_every: int = 20
+
+
+# ---- the policy ----
+
+def selection_logits(router: Router, x: torch.Tensor, allowed: torch.Tensor, temperature: float,
+                     weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Router input x [N, H] → policy logits [N, E]: selection scores / τ, -inf outside `allowed`."""
+    logits = F.linear(x, router.weight if weight is None else weight)
+    scores = logits.sigmoid() if router.scoring == "sigmoid" else logits.softmax(dim=-1)
+    if router.method == "noaux_tc":
+        scores = scores + (router.bias if bias is None else bias)
+    return scores.masked_fill(~allowed, float("-inf")) / temperature
+
+
+def plackett_luce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probability [N] of drawing experts ids [N, k] in this order without replacement."""
+    logp = torch.zeros(ids.shape[0], device=logits.device)
+    for j in range(ids.shape[1]):
+        pick = ids[:, j:j + 1]
+        logp = logp + logits.gather(1, pick)[:, 0] - logits.logsumexp(dim=-1)
+        logits = logits.scatter(1, pick, float("-inf"))
+    return logp
+
+
+def gumbel_top_k(logits: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """An ordered sample of k experts without replacement from softmax(logits)."""
+    u = torch.rand(logits.shape, generator=gen, device=logits.device).clamp_(1e-20, 1.0)
+    return (logits - torch.log(-torch.log(u))).topk(k, dim=-1).indices  # sorted: the draw order
+
+
+def categorical_kl(logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits) ‖ softmax(ref)) [N] over the allowed experts (both -inf at the same places)."""
+    masked = ~logits.isfinite()
+    lp, lq = logits.log_softmax(-1).masked_fill(masked, 0.0), ref.log_softmax(-1).masked_fill(masked, 0.0)
+    return (lp.exp().masked_fill(masked, 0.0) * (lp - lq)).sum(-1)
+
+
+class Sampler:
+    """Installs the tuning policy on every router (Router.policy) and records each decision:
+    router input x, allowed experts, sampled ids in draw order, their log-probability, routing entropy.
+    With sample=False it routes deterministically (top-k) and records the same things."""
+
+    def __init__(self, routers: list[Router], temperature: float, sample: bool = True):
+        self.routers, self.temperature, self.sample = routers, temperature, sample
+        self.gen: torch.Generator | None = None
+        self.records: list[dict] = [{} for _ in routers]
+        self.handles = []
+
+    def __enter__(self) -> "Sampler":
+        for i, r in enumerate(self.routers):
+            r.policy = partial(self.route, i)
+            self.handles.append(r.register_forward_pre_hook(partial(self.capture, i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for r in self.routers:
+            r.policy = None
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def capture(self, i: int, module, args) -> None:
+        self.records[i] = {"x": args[0].detach().float()}
+
+    def route(self, i: int, router: Router, scores: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        logits = choice / self.temperature
+        ids = gumbel_top_k(logits, router.top_k, self.gen) if self.sample else logits.topk(router.top_k, -1).indices
+        self.records[i].update(allowed=choice.isfinite(), ids=ids, logp=plackett_luce(logits, ids),
+                               entropy=routing_entropy(scores))
+        return ids
+
+
+# ---- rewards ----
+
+def window_union(ids: torch.Tensor, n_experts: int, window: int, step: int | None = None) -> torch.Tensor:
+    """ids [R, T, k] → distinct experts per window of `window` consecutive tokens [R, W]
+    (windows every `step` tokens; default: not overlapping)."""
+    hot = torch.zeros(*ids.shape[:2], n_experts, device=ids.device).scatter_(2, ids, 1.0)  # [R, T, E]
+    wins = hot.unfold(1, window, step or window)  # [R, W, E, window]
+    return wins.amax(-1).sum(-1)
+
+
+def chunk_mean(v: torch.Tensor, n_chunks: int, size: int) -> torch.Tensor:
+    """v [R, n] (position-indexed) → mean over each chunk of `size` positions [R, n_chunks]."""
+    pad = torch.full((v.shape[0], n_chunks * size), float("nan"), device=v.device)
+    pad[:, :v.shape[1]] = v[:, :n_chunks * size]
+    return pad.view(v.shape[0], n_chunks, size).nanmean(-1).nan_to_num(0.0)
+
+
+def load_imbalance(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """ids [G, N, k] → max/mean expert load per rollout [G]."""
+    hot = torch.zeros(*ids.shape[:2], n_experts, device=ids.device).scatter_(2, ids, 1.0)
+    load = hot.sum((1,))  # [G, E]
+    return load.amax(-1) / load.mean(-1)
+
+
+def rewards(model: Transformer, sampler: Sampler, lm: torch.Tensor, mtp: list[torch.Tensor],
+            s: TuneSettings) -> dict[str, torch.Tensor]:
+    """Every reward component and the total, each [G, B, C] (C chunks per window)."""
+    G, B, T = s.group, lm.shape[0] // s.group, lm.shape[1] + 1
+    C, n_main = T // s.chunk, model.cfg.num_hidden_layers
+    loss = chunk_mean(lm, C, s.chunk)
+    for m in mtp:
+        loss = loss + s.mtp_weight / len(mtp) * chunk_mean(m, C, s.chunk)
+    union, ent, imb, n_layers = 0.0, 0.0, 0.0, 0
+    for r, rec in zip(sampler.routers, sampler.records):
+        ids = rec["ids"].view(G * B, -1, r.top_k)
+        imb = imb + load_imbalance(ids.view(G, -1, r.top_k), r.n_experts)[:, None, None] / len(sampler.routers)
+        if ids.shape[1] == T and n_layers < n_main:  # a main layer (MTP layers see fewer positions)
+            n_layers += 1
+            union = union + chunk_mean(window_union(ids, r.n_experts, s.window), C, s.chunk // s.window)
+            ent = ent + chunk_mean(rec["entropy"].view(G * B, T), C, s.chunk)
+    parts = {"loss": loss, "union": union / max(n_layers, 1), "entropy": ent / max(n_layers, 1),
+             "imbalance": imb.expand(G, B, C).reshape(G * B, C)}
+    parts = {k: v.view(G, B, C) for k, v in parts.items()}
+    parts["reward"] = (-parts["loss"] - s.lambda_bal * (parts["imbalance"] - 1) - s.lambda_ent * parts["entropy"]
+                       - s.lambda_union * parts["union"])
+    return parts
+
+
+def group_advantages(reward: torch.Tensor) -> torch.Tensor:
+    """reward [G, ...] → (reward − group mean) / group std, per unit."""
+    return (reward - reward.mean(0)) / (reward.std(0) + 1e-6)
+
+
+# ---- the update ----
+
+def policy_loss(sampler: Sampler, ref: list[tuple[torch.Tensor, torch.Tensor | None]], adv: torch.Tensor,
+                s: TuneSettings) -> tuple[torch.Tensor, dict]:
+    """PPO-clipped surrogate per routing decision (its chunk's advantage) + β·KL to the start."""
+    G, B, C = adv.shape
+    surr, kl, clipped, n = 0.0, 0.0, 0.0, 0
+    for r, rec, (w0, b0) in zip(sampler.routers, sampler.records, ref):
+        n_pos = rec["ids"].shape[0] // (G * B)
+        chunk_of = (torch.arange(n_pos, device=adv.device) // s.chunk).clamp_max(C - 1)
+        a = adv.reshape(G * B, C)[:, chunk_of].flatten()  # [G*B*n_pos]
+        logits = selection_logits(r, rec["x"], rec["allowed"], s.temperature)
+        ratio = (plackett_luce(logits, rec["ids"]) - rec["logp"]).exp()
+        surr = surr + torch.min(ratio * a, ratio.clamp(1 - s.clip, 1 + s.clip) * a).sum()
+        with torch.no_grad():
+            ref_logits = selection_logits(r, rec["x"], rec["allowed"], s.temperature, w0, b0)
+            clipped += float(((ratio - 1).abs() > s.clip).float().sum())
+        kl = kl + categorical_kl(logits, ref_logits).sum()
+        n += a.numel()
+    loss = -surr / n + s.kl * kl / n
+    return loss, {"kl": float(kl.detach()) / n, "clip_frac": clipped / n}
+
+
+def tune_step(model: Transformer, sampler: Sampler, ref, opt, tokens: torch.Tensor, gen: torch.Generator,
+              s: TuneSettings) -> dict:
+    """One GRPO step on windows tokens [B, T]: G rollouts, rewards, `epochs` clipped updates."""
+    sampler.gen = gen
+    with torch.no_grad():
+        lm, mtp = lm_and_mtp_losses(model, tokens.repeat(s.group, 1), reduction="none")
+        parts = rewards(model, sampler, lm, mtp, s)
+    adv = group_advantages(parts["reward"])
+    stats = {}
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for _ in range(s.epochs):
+        loss, stats = policy_loss(sampler, ref, adv, s)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    for r in sampler.routers:  # the rollouts' loads (tracked by the routers) move the bias
+        r.balance_bias(s.bias_step)
+    out = {k: float(v.mean()) for k, v in parts.items()}
+    out["lm"] = float(lm.mean())
+    out |= {f"mtp{k + 1}": float(m.mean()) for k, m in enumerate(mtp)}
+    return out | stats
+
+
+# ---- data ----
+
+def default_ids(model_dir: Path, data: str | None) -> np.ndarray:
+    """Token ids to tune on: --data (text, the model's tokenizer); else the bundled model's training
+    ids when this model has its tokenizer; else the corpus builder's training documents."""
+    from engine.tokenizer import Tokenizer
+    from engine.train.default_model import DEFAULT_WORK
+
+    tok_file = model_dir / "tokenizer.json"
+    if data is None:
+        work_tok = DEFAULT_WORK / "tokenizer.json"
+        if (DEFAULT_WORK / "train_ids.npy").is_file() and work_tok.is_file() and tok_file.is_file() \
+                and work_tok.read_bytes() == tok_file.read_bytes():
+            return np.load(DEFAULT_WORK / "train_ids.npy").astype(np.int64)
+    if not tok_file.is_file():
+        raise ValueError(f"{model_dir} has no tokenizer.json to encode the tuning text with")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    if data is not None:
+        text = Path(data).read_text(encoding="utf-8")
+    else:
+        from engine.train.corpus import build_corpus
+        text = "\n\n".join(build_corpus().train)
+    return np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def windows(ids: np.ndarray, batch: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
+    """B random windows of seq_len tokens, a function of (seed, step) (so a resumed run sees the same)."""
+    if ids.size < seq_len + 1:
+        raise ValueError(f"the tuning text has {ids.size} tokens; at least {seq_len + 1} are needed")
+    g = np.random.default_rng([seed, step])
+    starts = g.integers(0, ids.size - seq_len, batch)
+    return torch.from_numpy(np.stack([ids[s:s + seq_len] for s in starts]).astype(np.int64))
+
+
+# ---- checkpoints ----
+
+def routers_of(model: Transformer) -> list[tuple[str, Router]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Router)]
+
+
+def save_state(out: Path, model: Transformer, opt: torch.optim.Optimizer, state: dict) -> None:
+    tensors = {f"router.{n}.{k}": t.detach().contiguous() for n, r in routers_of(model)
+               for k, t in (("weight", r.weight), ("bias", r.bias))}
+    for pid, entry in opt.state_dict()["state"].items():
+        tensors |= {f"opt.{pid}.{k}": v.contiguous() for k, v in entry.items()}
+    d = out / STATE
+    d.mkdir(exist_ok=True)
+    save_file(tensors, str(d / "state.tmp"))
+    (d / "state.tmp").replace(d / "state.safetensors")
+    (d / "state.json").write_text(json.dumps(state))
+
+
+def load_state(out: Path, model: Transformer, opt: torch.optim.Optimizer) -> dict | None:
+    d = out / STATE
+    if not (d / "state.json").is_file() or not (d / "state.safetensors").is_file():
+        return None
+    tensors = load_file(str(d / "state.safetensors"))
+    with torch.no_grad():
+        for n, r in routers_of(model):
+            r.weight.copy_(tensors[f"router.{n}.weight"])
+            r.bias.copy_(tensors[f"router.{n}.bias"])
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            sd["state"].setdefault(int(pid), {})[name] = v
+    opt.load_state_dict(sd)
+    return json.loads((d / "state.json").read_text())
+
+
+def router_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The routers' tensors under their checkpoint names."""
+    L, out = model.cfg.num_hidden_layers, {}
+    for n, r in routers_of(model):
+        out[official_name(f"{n}.weight", L)] = r.weight.detach().float().cpu()
+        out[official_name(f"{n}.bias", L)] = r.bias.detach().float().cpu()
+    return out
+
+
+def write_checkpoint(model: Transformer, src: Path, out: Path) -> None:
+    """The input checkpoint's files with only the router tensors replaced (stored dtype kept)."""
+    new = router_tensors(model)
+    for f in checkpoint_files(src):
+        tensors = load_file(str(f))
+        with safe_open(str(f), "pt") as h:
+            meta = h.metadata()
+        for name in tensors:
+            if name in new:
+                tensors[name] = new[name].to(tensors[name].dtype)
+        save_file(tensors, str(out / f"{f.name}.tmp"), metadata=meta)
+        (out / f"{f.name}.tmp").replace(out / f.name)
+    for f in src.iterdir():  # config, tokenizer, chat template, generation settings, shard index
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("MODEL_CARD.md", "figures.json"):
+            shutil.copy2(f, out / f.name)
+    check_only_routers_differ(src, out)
+
+
+def check_only_routers_differ(src: Path, out: Path) -> list[str]:
+    """Raise unless both checkpoints hold the same tensors and only router tensors differ; returns
+    the names that differ."""
+    a = {k: v for f in checkpoint_files(src) for k, v in load_file(str(f)).items()}
+    b = {k: v for f in checkpoint_files(out) for k, v in load_file(str(f)).items()}
+    if a.keys() != b.keys():
+        raise RuntimeError(f"tensor names differ: {sorted(a.keys() ^ b.keys())[:5]}")
+    changed = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    bad = [k for k in changed if not k.endswith(ROUTER_SUFFIXES)]
+    if bad:
+        raise RuntimeError(f"tensors other than the routers' changed: {bad[:5]}")
+    return changed
+
+
+# ---- the run ----
+
+def log(msg: str, end: str = "\n") -> None:
+    print(msg, end=end, file=sys.stderr, flush=True)
+
+
+def progress_bar(step: int, total: int, parts: dict, elapsed: float) -> str:
+    width, done = 24, min(24, int(24 * step / max(total, 1)))
+    eta = elapsed / max(step, 1) * (total - step)
+    return (f"\rtune-routing [{'#' * done}{'.' * (width - done)}] {step}/{total} reward {parts['reward']:.3f} "
+            f"loss {parts['loss']:.3f} union {parts['union']:.2f} imb {parts['imbalance']:.2f} "
+            f"kl {parts['kl']:.4f} eta {eta / 60:.1f}m")
+
+
+@torch.no_grad()
+def rebalance(model: Transformer, ids: np.ndarray, s: TuneSettings) -> None:
+    """Auxiliary-loss-free bias balancing on deterministic routing, with a shrinking step."""
+    routers = [r for _, r in routers_of(model)]
+    for r in routers:
+        r.track_load(True)
+    for i in range(s.rebalance_steps):
+        lm_and_mtp_losses(model, windows(ids, 2 * s.batch, 2 * s.seq_len, s.seed + 1, i))
+        for r in routers:
+            r.balance_bias(s.bias_step * (1 - i / max(s.rebalance_steps, 1)))
+    for r in routers:
+        r.track_load(False)
+
+
+def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | None = None,
+         emit=print) -> Path:
+    """Run (or resume) tuning; writes the tuned checkpoint to `out`; returns it."""
+    model_dir, out = Path(model_dir), Path(out)
+    if out.resolve() == model_dir.resolve():
+        raise ValueError("--out must be another folder than --model")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(s.seed)
+    model = load_model(model_dir, device="cpu", dtype="float32")
+    routers = [r for _, r in routers_of(model)]
+    if not routers:
+        raise ValueError("this model has no MoE layers to tune")
+    ref = [(r.weight.detach().clone(), None) for r in routers]  # KL to the starting weights, current bias
+    params = [r.weight for r in routers]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=s.lr)
+    state = load_state(out, model, opt)
+    if state is not None:
+        saved = {**state["settings"], "steps": s.steps}  # more (or fewer) steps may be asked for
+        if saved != asdict(s):
+            log(f"resuming with the saved settings (given ones differ): {saved}")
+            s = TuneSettings(**saved)
+        state["settings"] = saved
+        log(f"tune-routing: resuming at step {state['step']}")
+    state = state or {"step": 0, "settings": asdict(s), "elapsed": 0.0}
+    ids = default_ids(model_dir, data)
+    if s.seq_len % s.chunk or s.chunk % s.window:
+        raise ValueError("seq_len must be a multiple of chunk, and chunk of window")
+    if (out / LOG).is_file():  # steps logged after the last checkpoint are run again: drop them
+        kept = [ln for ln in (out / LOG).read_text().splitlines() if json.loads(ln)["step"] <= state["step"]]
+        (out / LOG).write_text("".join(ln + "\n" for ln in kept))
+    logf = (out / LOG).open("a")
+    t0 = time.perf_counter() - state["elapsed"]
+    for r in routers:
+        r.track_load(True)
+    with Sampler(routers, s.temperature) as sampler:
+        while state["step"] < s.steps:
+            step = state["step"]
+            gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
+            parts = tune_step(model, sampler, ref, opt, windows(ids, s.batch, s.seq_len, s.seed, step), gen, s)
+            state.update(step=step + 1, elapsed=time.perf_counter() - t0)
+            line = json.dumps({"step": step + 1, **{k: round(v, 5) for k, v in parts.items()},
+                               "elapsed_s": round(state["elapsed"], 1)})
+            logf.write(line + "\n")
+            logf.flush()
+            emit(line)
+            log(progress_bar(step + 1, s.steps, parts, state["elapsed"]), end="")
+            if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps:
+                save_state(out, model, opt, state)
+    log("")
+    for r in routers:
+        r.track_load(False)
+    for p in params:
+        p.requires_grad_(False)
+    if s.rebalance_steps:
+        log(f"tune-routing: re-balancing the bias ({s.rebalance_steps} batches)")
+        rebalance(model, ids, s)
+    write_checkpoint(model, model_dir, out)
+    (out / "tuning.json").write_text(json.dumps({"source": str(model_dir), "settings": asdict(s),
+                                                 "steps_done": state["step"]}, indent=1))
+    return out
+
+
+def settings_from(args) -> TuneSettings:
+    """Argparse namespace → TuneSettings (fields of the same names, '-' as '_', None = default)."""
+    given = {f.name: getattr(args, f.name) for f in fields(TuneSettings) if getattr(args, f.name, None) is not None}
+    return TuneSettings(**given)
