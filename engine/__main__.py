@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="model folder; default: the bundled model")
     r.add_argument("--data", default=None, help="text file to tune on (default: the bundled model's training data)")
     r.add_argument("--out", required=True, help="folder for the tuned checkpoint, its log and resume state")
-    r.add_argument("--steps", type=int, default=None, help="GRPO steps (default 300)")
+    r.add_argument("--steps", type=int, default=None,
+                   help="GRPO steps (default 300; 0 with a tuned --model: only re-balance its bias)")
     r.add_argument("--group-size", dest="group", type=int, default=None, help="G rollouts per batch (default 8)")
     for name, kind, what in [("batch", int, "token windows per step"), ("seq-len", int, "tokens per window"),
                              ("chunk", int, "tokens per scored unit"), ("window", int, "verification window (union)"),
@@ -105,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                              ("epochs", int, "clipped updates per batch"), ("clip", float, "PPO ratio clip"),
                              ("kl", float, "β of the KL penalty to the starting router"),
                              ("lambda-bal", float, "weight of max/mean load − 1"),
+                             ("balance-scope", str, "load measured over the whole rollout ('rollout', default) or per token window ('window')"),
                              ("lambda-ent", float, "weight of the routing entropy"),
                              ("lambda-union", float, "weight of the expert union per window"),
                              ("rebalance-steps", int, "bias re-balancing batches after GRPO"),
+                             ("bias-step", float, "bias step γ (per GRPO step; shrinking to 0 over the re-balancing)"),
                              ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:
         r.add_argument(f"--{name}", type=kind, default=None, help=what or None)
 

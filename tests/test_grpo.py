@@ -138,3 +138,49 @@ def test_tuned_checkpoint_loads_in_engine_and_transformers(tuned):
         ours = model.logits(model(tokens))
         theirs = hf(tokens).logits.float()
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=2e-4)
+
+
+def test_steps_0_only_rebalances_a_tuned_checkpoint(tuned, tmp_path):
+    """`--steps 0 --model <tuned>`: no GRPO step, only the bias re-balancing (with the given --bias-step);
+    the router weights stay as they were and only bias tensors differ from the tuned checkpoint."""
+    from safetensors.torch import load_file
+
+    from engine.__main__ import main
+    from engine.model.checkpoint import checkpoint_files
+
+    src, tuned_dir, _ = tuned
+    out = tmp_path / "rebalanced"
+    assert main(["tune-routing", "--model", str(tuned_dir), "--data", str(src.parent / "text.txt"), "--out", str(out),
+                 "--steps", "0", "--rebalance-steps", "3", "--bias-step", "0.01", "--batch", "2",
+                 "--seq-len", "32", "--chunk", "16"]) == 0
+    changed = check_only_routers_differ(tuned_dir, out)
+    assert changed and all(k.endswith("e_score_correction_bias") for k in changed)
+    check_only_routers_differ(src, out)
+    assert json.loads((out / "tuning.json").read_text())["settings"]["bias_step"] == 0.01
+    assert not (out / "tune_log.jsonl").read_text().strip()
+    assert len(checkpoint_files(out)) == len(checkpoint_files(tuned_dir))
+    assert load_file(str(checkpoint_files(out)[0])).keys() == load_file(str(checkpoint_files(tuned_dir)[0])).keys()
+
+
+def test_balance_scope_window_scores_each_window_load(tmp_path):
+    """--balance-scope window: the imbalance is each token window's own max/mean load (so it differs
+    between the B windows of a rollout); an unknown scope is refused."""
+    from engine.model.checkpoint import load_model
+    from engine.train.mtp_loss import lm_and_mtp_losses
+    from engine.train.tune_routing import load_imbalance, rewards, routers_of, tune
+
+    src = write_tiny_model(tmp_path / "src", seed=1, num_nextn_predict_layers=1)
+    model = load_model(src, device="cpu", dtype="float32")
+    routers = [r for _, r in routers_of(model)]
+    s = TuneSettings(group=2, batch=3, seq_len=32, chunk=16, balance_scope="window")
+    tokens = torch.randint(0, 512, (s.batch, s.seq_len), generator=torch.Generator().manual_seed(0))
+    with Sampler(routers, s.temperature) as sampler, torch.no_grad():
+        sampler.gen = torch.Generator().manual_seed(0)
+        lm, mtp = lm_and_mtp_losses(model, tokens.repeat(s.group, 1), reduction="none")
+        parts = rewards(model, sampler, lm, mtp, s)
+        want = sum(load_imbalance(rec["ids"].view(s.group * s.batch, -1, r.top_k), r.n_experts)
+                   for r, rec in zip(routers, sampler.records)) / len(routers)
+    torch.testing.assert_close(parts["imbalance"][..., 0], want.view(s.group, s.batch))
+    assert torch.equal(parts["imbalance"][..., 0], parts["imbalance"][..., 1])  # the same for every chunk
+    with pytest.raises(ValueError, match="balance-scope"):
+        tune(src, tmp_path / "x", TuneSettings(steps=1, balance_scope="both"))

@@ -10,7 +10,8 @@ Each step takes B token windows and routes them G times (one batched forward und
 only, no backprop through the network). A rollout is scored per chunk of `chunk` tokens of one
 window (the chunk's decisions in every layer share its advantage, which keeps the credit local):
   reward = −(LM + MTP loss) − λ_bal·(max/mean load − 1) − λ_ent·routing entropy − λ_union·expert union
-with the load imbalance taken over the whole rollout, the routing entropy and the union = distinct
+with the load imbalance taken over the whole rollout (or, with balance_scope="window", over each token
+window alone, so that load is even within one text too), the routing entropy and the union = distinct
 experts per window of `window` consecutive tokens (one verification pass of speculative decoding) over
 the main layers; entropy as engine/routing_stats.py defines it (what `engine eval` reports).
 Advantages are normalized over the G rollouts of the same chunk; the objective is PPO's clipped ratio
@@ -65,6 +66,7 @@ class TuneSettings:
     clip: float = 0.2
     kl: float = 0.05  # β
     lambda_bal: float = 1.0
+    balance_scope: str = "rollout"  # max/mean load over the whole rollout, or per token window ("window")
     lambda_ent: float = 0.0
     lambda_union: float = 0.3
     mtp_weight: float = 0.3
@@ -179,7 +181,10 @@ def rewards(model: Transformer, sampler: Sampler, lm: torch.Tensor, mtp: list[to
     union, ent, imb, n_layers = 0.0, 0.0, 0.0, 0
     for r, rec in zip(sampler.routers, sampler.records):
         ids = rec["ids"].view(G * B, -1, r.top_k)
-        imb = imb + load_imbalance(ids.view(G, -1, r.top_k), r.n_experts)[:, None, None] / len(sampler.routers)
+        if s.balance_scope == "window":  # each window's own load: even within a text, not only across texts
+            imb = imb + load_imbalance(ids, r.n_experts).view(G, B, 1) / len(sampler.routers)
+        else:
+            imb = imb + load_imbalance(ids.view(G, -1, r.top_k), r.n_experts)[:, None, None] / len(sampler.routers)
         if ids.shape[1] == T and n_layers < n_main:  # a main layer (MTP layers see fewer positions)
             n_layers += 1
             union = union + chunk_mean(window_union(ids, r.n_experts, s.window), C, s.chunk // s.window)
@@ -336,8 +341,10 @@ def write_checkpoint(model: Transformer, src: Path, out: Path) -> None:
                 tensors[name] = new[name].to(tensors[name].dtype)
         save_file(tensors, str(out / f"{f.name}.tmp"), metadata=meta)
         (out / f"{f.name}.tmp").replace(out / f.name)
-    for f in src.iterdir():  # config, tokenizer, chat template, generation settings, shard index
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("MODEL_CARD.md", "figures.json"):
+    for f in src.iterdir():  # config, tokenizer, chat template, generation settings, shard index (not the
+        # tuning log of a --model that was itself tuned: this run's log is in `out` already)
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("MODEL_CARD.md", "figures.json", LOG,
+                                                                                   "tuning.json"):
             shutil.copy2(f, out / f.name)
     check_only_routers_differ(src, out)
 
@@ -388,6 +395,8 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
          emit=print) -> Path:
     """Run (or resume) tuning; writes the tuned checkpoint to `out`; returns it."""
     model_dir, out = Path(model_dir), Path(out)
+    if s.balance_scope not in ("rollout", "window"):
+        raise ValueError("--balance-scope must be 'rollout' or 'window'")
     if out.resolve() == model_dir.resolve():
         raise ValueError("--out must be another folder than --model")
     out.mkdir(parents=True, exist_ok=True)
