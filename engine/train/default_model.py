@@ -108,12 +108,26 @@ class Batches:
 
 # ---- checkpoints ----
 
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat tensors `opt.{param id}.{name}` (for safetensors)."""
+    return {f"opt.{pid}.{k}": v.contiguous() for pid, entry in opt.state_dict()["state"].items()
+            for k, v in entry.items()}
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """The inverse of optimizer_tensors (other keys in `tensors` are ignored)."""
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            sd["state"].setdefault(int(pid), {})[name] = v
+    opt.load_state_dict(sd)
+
+
 def save_checkpoint(work: Path, stage: str, model: Transformer, opt: torch.optim.Optimizer, state: dict) -> None:
     """Model and optimizer tensors in safetensors (nothing pickled), the rest in JSON; atomic."""
-    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
-    for pid, entry in opt.state_dict()["state"].items():
-        for k, v in entry.items():
-            tensors[f"opt.{pid}.{k}"] = v.contiguous()
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()} | optimizer_tensors(opt)
     tmp = work / f"{stage}.tmp.safetensors"
     save_file(tensors, str(tmp))
     tmp.replace(work / f"{stage}.safetensors")
@@ -126,13 +140,7 @@ def load_checkpoint(work: Path, stage: str, model: Transformer, opt: torch.optim
         return None
     tensors = load_file(str(path))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    sd = opt.state_dict()
-    sd["state"] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            sd["state"].setdefault(int(pid), {})[name] = v
-    opt.load_state_dict(sd)
+    restore_optimizer(opt, tensors)
     log(f"{stage}: resuming from its checkpoint")
     return json.loads((work / f"{stage}.json").read_text())
 

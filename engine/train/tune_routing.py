@@ -46,6 +46,7 @@ from engine.model.checkpoint import checkpoint_files, load_model, official_name
 from engine.model.transformer import Transformer
 from engine.routing import Router
 from engine.routing_stats import routing_entropy
+from engine.train.default_model import optimizer_tensors, restore_optimizer
 from engine.train.mtp_loss import lm_and_mtp_losses
 
 ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
@@ -292,8 +293,7 @@ def routers_of(model: Transformer) -> list[tuple[str, Router]]:
 def save_state(out: Path, model: Transformer, opt: torch.optim.Optimizer, state: dict) -> None:
     tensors = {f"router.{n}.{k}": t.detach().contiguous() for n, r in routers_of(model)
                for k, t in (("weight", r.weight), ("bias", r.bias))}
-    for pid, entry in opt.state_dict()["state"].items():
-        tensors |= {f"opt.{pid}.{k}": v.contiguous() for k, v in entry.items()}
+    tensors |= optimizer_tensors(opt)
     d = out / STATE
     d.mkdir(exist_ok=True)
     save_file(tensors, str(d / "state.tmp"))
@@ -310,13 +310,7 @@ def load_state(out: Path, model: Transformer, opt: torch.optim.Optimizer) -> dic
         for n, r in routers_of(model):
             r.weight.copy_(tensors[f"router.{n}.weight"])
             r.bias.copy_(tensors[f"router.{n}.bias"])
-    sd = opt.state_dict()
-    sd["state"] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            sd["state"].setdefault(int(pid), {})[name] = v
-    opt.load_state_dict(sd)
+    restore_optimizer(opt, tensors)
     return json.loads((d / "state.json").read_text())
 
 
