@@ -213,6 +213,8 @@ class QuantExperts(Experts):
 class QuantEmbedding(torch.nn.Module):
     """An int8 embedding table: one row dequantized per token looked up."""
 
+    spec = QuantSpec("int8")  # per row, like an int8 QuantLinear (what the checkpoint code reads)
+
     def __init__(self, vocab: int, dim: int, dtype: torch.dtype, device=None):
         super().__init__()
         self.dtype = dtype

@@ -63,6 +63,7 @@ IN_MTP = {  # suffix after model.layers.{num_hidden_layers + i}. that belongs to
     "embed_tokens.weight": "embed.weight",
     "shared_head.head.weight": "head.weight",
 }
+TOP_LEVEL_REV, IN_BLOCK_REV, IN_MTP_REV = ({v: k for k, v in t.items()} for t in (TOP_LEVEL, IN_BLOCK, IN_MTP))
 PER_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -192,7 +193,7 @@ def plan_load(cfg: ModelConfig, infos: dict[str, TensorInfo], model: Transformer
             raise ModelLoadError(str(info.file), name, "unexpected tensor for this config")
         want = tuple(target_view(params[t.param], t).shape)
         module = modules.get(t.param.rsplit(".", 1)[0])
-        spec = getattr(module, "spec", None) or (QuantSpec("int8") if isinstance(module, QuantEmbedding) else None)
+        spec = module.spec if isinstance(module, QUANT_MODULES) else None
         if spec is None or (suffix == "weight" and info.dtype in FLOAT_DTYPES):
             if suffix == "weight_scale_inv":
                 continue  # read together with its FP8 weight
@@ -213,7 +214,8 @@ def plan_load(cfg: ModelConfig, infos: dict[str, TensorInfo], model: Transformer
             stored.setdefault((t.param, t.expert, t.part), set()).add(part)
         covered.add((t.param, t.expert, t.part))
     for key, parts in stored.items():
-        need = {"qweight", "scale"} | ({"zero"} if "zero" in STORED_PARTS[_fmt_of(modules, key[0])].values() else set())
+        fmt = modules[key[0].rsplit(".", 1)[0]].spec.fmt
+        need = {"qweight", "scale"} | ({"zero"} if "zero" in STORED_PARTS[fmt].values() else set())
         if not need <= parts:
             raise ModelLoadError(str(next(iter(infos.values())).file.parent), key[0],
                                  f"quantized weight without its {', '.join(sorted(need - parts))}")
@@ -226,11 +228,6 @@ def plan_load(cfg: ModelConfig, infos: dict[str, TensorInfo], model: Transformer
                 continue
         raise ModelLoadError(str(next(iter(infos.values())).file.parent), pname, "missing from the checkpoint")
     return plan
-
-
-def _fmt_of(modules, param: str) -> str:
-    m = modules[param.rsplit(".", 1)[0]]
-    return m.spec.fmt if getattr(m, "spec", None) else "int8"
 
 
 def _check_dense(cfg, infos, name: str, info: TensorInfo, want: tuple) -> None:
@@ -412,7 +409,7 @@ def _copy_tensors(model, cfg, infos, plan: dict[str, Entry], progress: ProgressF
                     raise ModelLoadError(str(f), name, "contains NaN or Inf")
                 view = target_view(params[entry.target.param], entry.target)
                 if entry.kind == "dense":
-                    target_view(params[entry.target.param], entry.target).copy_(t)
+                    view.copy_(t)
                 else:
                     _into_quantized(modules[entry.target.param.rsplit(".", 1)[0]], entry, t, tuple(view.shape), f, name)
                 done += t.numel()
@@ -439,8 +436,7 @@ def _into_quantized(module, entry: Entry, t: torch.Tensor, shape: tuple, f: Path
     if kind == "quantize":
         module.set_weight(t)
         return
-    fmt = module.spec.fmt if isinstance(module, QuantLinear) else "int8"
-    getattr(module, kind).copy_(from_stored(fmt, kind, t, *shape))
+    getattr(module, kind).copy_(from_stored(module.spec.fmt, kind, t, *shape))
     if isinstance(module, QuantLinear):
         module._cpu = None
 
@@ -473,19 +469,16 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def official_name(param: str, n_layers: int) -> str | None:
     """Engine parameter name → DeepSeek checkpoint name (experts: the stacked name, see split_experts)."""
-    reverse = {v: k for k, v in TOP_LEVEL.items()}
-    if param in reverse:
-        return reverse[param]
+    if param in TOP_LEVEL_REV:
+        return TOP_LEVEL_REV[param]
     m = re.match(r"(layers|mtp)\.(\d+)\.(.+)$", param)
     if not m:
         return None  # rotary frequencies are derived, not stored
     kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
     prefix = f"model.layers.{i if kind == 'layers' else n_layers + i}."
-    mtp_rev = {v: k for k, v in IN_MTP.items()}
-    if kind == "mtp" and rest in mtp_rev:
-        return prefix + mtp_rev[rest]
-    block_rev = {v: k for k, v in IN_BLOCK.items()}
-    return prefix + block_rev[rest.removeprefix("block.")]
+    if kind == "mtp" and rest in IN_MTP_REV:
+        return prefix + IN_MTP_REV[rest]
+    return prefix + IN_BLOCK_REV[rest.removeprefix("block.")]
 
 
 def split_experts(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -516,7 +509,7 @@ def checkpoint_state(model: Transformer) -> dict[str, torch.Tensor]:
         module = modules.get(path)
         if isinstance(module, QUANT_MODULES):
             attr, _, part = leaf.rpartition("_") if isinstance(module, QuantExperts) else ("weight", "", leaf)
-            fmt = module.spec.fmt if getattr(module, "spec", None) else "int8"
+            fmt = module.spec.fmt
             official = official_name(f"{path}.{attr}", n_layers)
             matrices = split_experts(official, t) if isinstance(module, QuantExperts) else {official: t}
             for weight_name, m in matrices.items():
