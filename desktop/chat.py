@@ -20,6 +20,23 @@ from engine.protocol import (Cancel, ChatMessage, Done, Error, Generate, Generat
 REPAINT_MS = 33
 SAVE_EVERY_S = 1.0
 FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "cancelled", "error": "error"}
+MODE_NAMES = {"off": "Speculation off", "mtp": "MTP speculation", "lookup": "Prompt lookup", "draft": "Draft model"}
+
+
+def backend_for(path: str) -> str:
+    return "llamacpp" if path.lower().endswith(".gguf") else "native"
+
+
+def speculative_modes(model: dict | None) -> list[str]:
+    """The speculation modes the loaded model offers: the backend says so in `loaded`; older workers
+    did not, so fall back on what each backend is known to do."""
+    if not model:
+        return ["off"]
+    if model.get("speculative_modes"):
+        return list(model["speculative_modes"])
+    if model.get("backend") == "llamacpp":
+        return ["off", "lookup", "draft"]
+    return ["off", "mtp"] if model.get("mtp_modules") else ["off"]
 
 
 @dataclass
@@ -29,8 +46,9 @@ class Settings:
     top_p: float = 1.0
     max_tokens: int = 256
     seed: int = 0
-    speculative: str = "mtp"  # "off" | "mtp"
+    speculative: str = "mtp"  # "off" | "mtp" (native) | "lookup" | "draft" (GGUF models)
     k: int | str = "auto"
+    draft_model: str = ""  # a second, smaller .gguf with the same vocabulary, for speculative mode "draft"
     color_accepted: bool = True
     quant: str = "none"  # weights of native models: "none" | "int8" | "int4" (quantized while loading)
 
@@ -119,9 +137,13 @@ class ChatSession(QObject):
         self.model_path = path
         self.model = None
         self.sig_model.emit(None)
-        backend = "llamacpp" if path.endswith(".gguf") else "native"
+        backend = backend_for(path)
         quant = self.settings.quant if backend == "native" and self.settings.quant != "none" else None
-        if not self.worker.send(Load(path=path, backend=backend, quant=quant)):
+        # The draft model is loaded beside the main one, so only when its mode is chosen: a bad draft
+        # then fails only that mode's load, and switching speculation off loads the model alone.
+        wants_draft = backend == "llamacpp" and self.settings.speculative == "draft"
+        draft = (self.settings.draft_model or None) if wants_draft else None
+        if not self.worker.send(Load(path=path, backend=backend, quant=quant, draft=draft)):
             self.sig_notice.emit("error", "The model worker is not running.")
 
     def restart_worker(self) -> None:
@@ -129,6 +151,25 @@ class ChatSession(QObject):
         self.sig_model.emit(None)
         self.load_on_ready = True
         self.worker.restart()
+
+    def needs_reload(self, old: Settings) -> bool:
+        """Settings that are applied while loading: weight quantization (native), the draft model (GGUF)."""
+        if not self.model_path or self.busy():
+            return False
+        if backend_for(self.model_path) == "native":
+            return old.quant != self.settings.quant
+        uses_draft = lambda s: s.draft_model if s.speculative == "draft" else ""  # noqa: E731
+        return uses_draft(old) != uses_draft(self.settings)
+
+    def speculative_modes(self) -> list[str]:
+        return speculative_modes(self.model)
+
+    def chat_mode(self) -> str:
+        """The chosen speculation where the loaded model offers it (a GGUF has no MTP), else off."""
+        mode = self.settings.speculative
+        if mode == "draft" and not (self.model or {}).get("draft"):
+            return "off"
+        return mode if mode in self.speculative_modes() else "off"
 
     def save_settings(self) -> None:
         self.store.set_setting("generation", vars(self.settings))
@@ -215,7 +256,7 @@ class ChatSession(QObject):
         mid = self.store.add_message(self.conversation_id, "assistant", "", parent=user_id, status="streaming",
                                      model=self.model.get("name"), settings=vars(self.settings))
         self.sig_thread.emit()
-        self.begin(Stream(request_id=mid, message_id=mid), history, self.settings.params())
+        self.begin(Stream(request_id=mid, message_id=mid), history, self.settings.params(self.chat_mode()))
         return mid
 
     def messages_for(self, history: list[dict]) -> list[ChatMessage]:
@@ -299,9 +340,17 @@ class ChatSession(QObject):
 
     # ---- speed comparison ----
 
+    def compare_mode(self) -> str | None:
+        """The speculation the comparison measures: the chosen one, else the model's first."""
+        modes = [m for m in self.speculative_modes() if m != "off"]
+        if self.settings.speculative in modes:
+            return self.settings.speculative
+        usable = [m for m in modes if m != "draft" or self.model.get("draft")]  # a draft must be loaded
+        return usable[0] if usable else None
+
     def compare(self, prompt: str | None = None) -> bool:
         """Run the prompt twice with the same seed and settings, speculation off then on."""
-        if self.busy() or self.model is None:
+        if self.busy() or self.model is None or self.compare_mode() is None:
             return False
         if prompt is None:
             users = [m for m in self.thread() if m["role"] == "user"]
@@ -309,24 +358,26 @@ class ChatSession(QObject):
                 return False
             prompt = users[-1]["content"]
         self.compare_runs = {"prompt": prompt, "model": self.model.get("name"), "settings": vars(self.settings),
-                             "runs": {}}
+                             "on_mode": self.compare_mode(), "runs": {}}
         self.compare_next()
         return True
 
     def compare_next(self) -> None:
-        mode = "off" if "off" not in self.compare_runs["runs"] else "mtp"
+        run = "off" if "off" not in self.compare_runs["runs"] else "on"
+        mode = "off" if run == "off" else self.compare_runs["on_mode"]
         rid = f"compare-{mode}-{time.monotonic_ns()}"
-        self.compare_runs["mode"] = mode
+        self.compare_runs["run"] = run
         history = [{"role": "user", "content": self.compare_runs["prompt"]}]
         self.begin(Stream(request_id=rid, message_id=None), history, self.settings.params(speculative=mode))
 
     def compare_step(self, stream: Stream, stats: dict) -> None:
         runs = self.compare_runs
-        runs["runs"][runs["mode"]] = {"text": stream.text, "stats": stats, "timeline": stream.timeline}
+        mode = "off" if runs["run"] == "off" else runs["on_mode"]
+        runs["runs"][runs["run"]] = {"text": stream.text, "stats": stats, "timeline": stream.timeline, "mode": mode}
         if len(runs["runs"]) < 2:
             self.compare_next()
             return
         self.compare_runs = None
-        off, on = runs["runs"]["off"], runs["runs"]["mtp"]
+        off, on = runs["runs"]["off"], runs["runs"]["on"]
         cid = self.store.add_comparison(self.conversation_id, runs["prompt"], runs["model"], runs["settings"], off, on)
         self.sig_compare.emit(self.store.comparisons()[-1] | {"id": cid})

@@ -6,6 +6,7 @@ from PySide6.QtCore import QDateTime, QPointF, Qt
 from PySide6.QtGui import QPainter
 from PySide6.QtWidgets import QDialog, QGridLayout, QLabel, QTextBrowser, QVBoxLayout
 
+from desktop.chat import MODE_NAMES
 from desktop.chat_view import stats_line
 
 
@@ -51,9 +52,10 @@ class CompareDialog(QDialog):
         self.setWindowTitle("Speculation off vs on")
         self.resize(980, 640)
         off, on = result["off"], result["on"]
+        on_name = MODE_NAMES.get(on.get("mode", "mtp"), "Speculation on")  # comparisons before GGUF were MTP
         lay = QVBoxLayout(self)
         speed = result.get("speedup")
-        head = QLabel(f"<b>{result['model']}</b> — speedup with MTP speculation: "
+        head = QLabel(f"<b>{result['model']}</b> — speedup with {on_name.lower()}: "
                       f"<b>{speed:.2f}×</b>" if speed else f"<b>{result['model']}</b>")
         head.setAccessibleName("speedup")
         lay.addWidget(head)
@@ -62,7 +64,7 @@ class CompareDialog(QDialog):
         same.setObjectName("identicalLabel")
         lay.addWidget(same)
         grid = QGridLayout()
-        for col, (name, run) in enumerate((("Speculation off", off), ("MTP speculation", on))):
+        for col, (name, run) in enumerate((("Speculation off", off), (on_name, on))):
             grid.addWidget(QLabel(f"<b>{name}</b>"), 0, col)
             text = QTextBrowser()
             text.setPlainText(run["text"])  # shown as text, never HTML
@@ -70,7 +72,7 @@ class CompareDialog(QDialog):
             grid.addWidget(text, 1, col)
             grid.addWidget(QLabel(stats_line(run["stats"]) or "-"), 2, col)
         lay.addLayout(grid)
-        lay.addWidget(tokens_chart({"off": off.get("timeline", []), "MTP": on.get("timeline", [])}))
+        lay.addWidget(tokens_chart({"off": off.get("timeline", []), on_name: on.get("timeline", [])}))
 
 
 class HistoryDialog(QDialog):
@@ -83,7 +85,7 @@ class HistoryDialog(QDialog):
         lay = QVBoxLayout(self)
         x, y = QDateTimeAxis(), QValueAxis()
         x.setFormat("MMM d hh:mm")
-        chart = new_chart("MTP speedup per comparison", x, y, "when", "speedup ×")
+        chart = new_chart("Speedup from speculation per comparison", x, y, "when", "speedup ×")
         by_model: dict[str, list] = {}
         for c in comparisons:
             if c.get("speedup"):

@@ -10,10 +10,12 @@ from PySide6.QtWidgets import (QDockWidget, QFileDialog, QFrame, QHBoxLayout, QI
                                QMenu, QMessageBox, QProgressBar, QPushButton, QSplitter, QTabWidget, QVBoxLayout,
                                QWidget)
 
+from dataclasses import replace
+
 from desktop.chat import BUNDLED_MODEL, ChatSession
 from desktop.chat_view import ChatView, Composer
 from desktop.compare_view import CompareDialog, HistoryDialog
-from desktop.panels import ExpertLoadView, SettingsPanel, Sidebar
+from desktop.panels import OPEN_FOLDER, OPEN_GGUF, ExpertLoadView, SettingsPanel, Sidebar
 
 
 class Banner(QFrame):
@@ -142,6 +144,7 @@ class MainWindow(QMainWindow):
         self.view.sig_version.connect(s.switch_version)
         self.settings.sig_changed.connect(self.on_settings_changed)
         self.settings.sig_model_chosen.connect(self.choose_model)
+        self.settings.sig_draft_requested.connect(self.choose_draft)
         self.settings.sig_compare.connect(self.compare)
         self.settings.sig_history.connect(self.show_history)
         self.banner.restart.clicked.connect(self.restart_worker)
@@ -203,9 +206,12 @@ class MainWindow(QMainWindow):
         mem = info.get("memory_bytes")
         mtp = f", {info['mtp_modules']} MTP modules" if info.get("mtp_modules") else ""
         quant = f" · {info['quantization']}" if info.get("quantization") else ""
-        self.model_label.setText(f"{info['name']} · {info['backend']} · {info['device']} · {info['dtype']}{quant}"
-                                 f"{mtp} · {info['parameters'] / 1e6:.1f}M params"
-                                 + (f" · {mem / 2**20:.0f} MiB" if mem else ""))
+        draft = f" · draft {info['draft']}" if info.get("draft") else ""
+        params = f" · {info['parameters'] / 1e6:.1f}M params" if info.get("parameters") else ""
+        where = " · ".join(str(info[k]) for k in ("device", "dtype") if info.get(k))
+        self.model_label.setText(f"{info['name']} · {info['backend']}" + (f" · {where}" if where else "")
+                                 + f"{quant}{mtp}{draft}{params}" + (f" · {mem / 2**20:.0f} MiB" if mem else ""))
+        self.settings.show_speculation(self.session.speculative_modes())
         self.refresh_models()
 
     def on_progress(self, stage: str, fraction: float) -> None:
@@ -214,19 +220,30 @@ class MainWindow(QMainWindow):
         self.progress.setFormat(f"{stage} %p%")
 
     def on_settings_changed(self) -> None:
-        quant = self.session.settings.quant
+        old = replace(self.session.settings)
         self.settings.apply_to(self.session.settings)
+        if self.session.settings.speculative == "draft" and not self.session.settings.draft_model:
+            self.choose_draft()  # the mode needs a file; choosing it comes back here
+            return
         self.session.save_settings()
-        if self.session.settings.quant != quant and self.session.model_path and not self.session.busy():
-            self.session.load_model(self.session.model_path)  # the weights are quantized while loading
+        if self.session.needs_reload(old):
+            self.session.load_model(self.session.model_path)  # quantized while loading; the draft loads beside
 
     def choose_model(self, path: str) -> None:
-        if not path:
+        if path == OPEN_FOLDER:
             path = QFileDialog.getExistingDirectory(self, "Open a model folder (config.json + safetensors)")
-            if not path:
-                self.refresh_models()
-                return
+        elif path == OPEN_GGUF:
+            path, _ = QFileDialog.getOpenFileName(self, "Open a GGUF model", "", "GGUF models (*.gguf)")
+        if not path:
+            self.refresh_models()
+            return
         self.session.load_model(path)
+
+    def choose_draft(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a draft model (same vocabulary, smaller)", "",
+                                              "GGUF models (*.gguf)")
+        if path:
+            self.settings.set_draft(path)
 
     def edit_message(self, mid: str) -> None:
         old = self.session.store.message(mid)["content"]

@@ -9,7 +9,8 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
 
 WEIGHT_CHOICES = [("Full precision", "none"), ("int8 (weight-only)", "int8"), ("int4 (weight-only, group 64)", "int4")]
 SPECULATION_CHOICES = [("Off", "off", "auto"), ("MTP, auto", "mtp", "auto"), ("MTP, k=1", "mtp", 1),
-                       ("MTP, k=2", "mtp", 2), ("MTP, k=3", "mtp", 3), ("MTP, k=4", "mtp", 4)]
+                       ("MTP, k=2", "mtp", 2), ("MTP, k=3", "mtp", 3), ("MTP, k=4", "mtp", 4),
+                       ("Prompt lookup", "lookup", "auto"), ("Draft model", "draft", "auto")]
 
 
 class Sidebar(QWidget):
@@ -66,9 +67,13 @@ class Sidebar(QWidget):
             self.sig_context.emit(it.data(Qt.UserRole), self.list.mapToGlobal(pos))
 
 
+OPEN_FOLDER, OPEN_GGUF = "", "?gguf"
+
+
 class SettingsPanel(QWidget):
     sig_changed = Signal()
-    sig_model_chosen = Signal(str)  # a path, or "" to open a file dialog
+    sig_model_chosen = Signal(str)  # a path, or OPEN_FOLDER / OPEN_GGUF to open a dialog
+    sig_draft_requested = Signal()  # choose the draft .gguf
     sig_compare = Signal()
     sig_history = Signal()
 
@@ -105,13 +110,25 @@ class SettingsPanel(QWidget):
         form.addRow("Seed", self.seed)
         self.speculation = QComboBox()
         self.speculation.setAccessibleName("speculative decoding")
-        for label, mode, k in SPECULATION_CHOICES:
-            self.speculation.addItem(label, (mode, k))
-        current = next((i for i, (_, m, k) in enumerate(SPECULATION_CHOICES)
-                        if m == settings.speculative and (m == "off" or k == settings.k)), 1)
-        self.speculation.setCurrentIndex(current)
         self.speculation.currentIndexChanged.connect(self.sig_changed)
+        self.chosen_speculation = (settings.speculative, settings.k)  # kept while a model lacks that mode
         form.addRow("Speculation", self.speculation)
+        draft_row = QHBoxLayout()
+        self.draft = QLineEdit(settings.draft_model)
+        self.draft.setReadOnly(True)
+        self.draft.setPlaceholderText("a smaller .gguf with the same vocabulary")
+        self.draft.setAccessibleName("draft model file")
+        draft_row.addWidget(self.draft, 1)
+        choose_draft = QPushButton("Choose…")
+        choose_draft.setAccessibleName("choose the draft model")
+        choose_draft.clicked.connect(self.sig_draft_requested)
+        draft_row.addWidget(choose_draft)
+        self.draft_row = QWidget()
+        self.draft_row.setLayout(draft_row)
+        draft_row.setContentsMargins(0, 0, 0, 0)
+        form.addRow("Draft model", self.draft_row)
+        self.form = form
+        self.show_speculation(["off", "mtp", "lookup", "draft"])
         self.color = QCheckBox("Colour tokens from accepted drafts")
         self.color.setAccessibleName("colour accepted draft tokens")
         self.color.setChecked(settings.color_accepted)
@@ -134,11 +151,32 @@ class SettingsPanel(QWidget):
         w.valueChanged.connect(self.sig_changed)
         return w
 
+    def show_speculation(self, modes: list[str]) -> None:
+        """Offer only the modes the loaded model has (MTP for native models, lookup and draft for GGUF)."""
+        self.speculation.blockSignals(True)
+        self.speculation.clear()
+        for label, mode, k in SPECULATION_CHOICES:
+            if mode in modes:
+                self.speculation.addItem(label, (mode, k))
+        mode, k = self.chosen_speculation
+        index = next((i for i in range(self.speculation.count())
+                      if self.speculation.itemData(i)[0] == mode and (mode != "mtp" or self.speculation.itemData(i)[1] == k)),
+                     0)
+        self.speculation.setCurrentIndex(index)
+        self.speculation.blockSignals(False)
+        self.form.setRowVisible(self.draft_row, "draft" in modes)
+
+    def set_draft(self, path: str) -> None:
+        self.draft.setText(path)
+        self.sig_changed.emit()
+
     def apply_to(self, s) -> None:
         s.system_prompt = self.system.toPlainText()
         s.temperature, s.top_p = self.temperature.value(), self.top_p.value()
         s.max_tokens, s.seed = self.max_tokens.value(), self.seed.value()
-        s.speculative, s.k = self.speculation.currentData()
+        if self.speculation.currentData() is not None:
+            s.speculative, s.k = self.chosen_speculation = self.speculation.currentData()
+        s.draft_model = self.draft.text()
         s.color_accepted = self.color.isChecked()
         s.quant = self.weights.currentData()
 
@@ -148,7 +186,8 @@ class SettingsPanel(QWidget):
         for p in paths:
             self.model.addItem(p.rstrip("/").split("/")[-1], p)
             self.model.setItemData(self.model.count() - 1, p, Qt.ToolTipRole)
-        self.model.addItem("Open model folder or .gguf file…", "")
+        self.model.addItem("Open model folder…", OPEN_FOLDER)
+        self.model.addItem("Open .gguf file…", OPEN_GGUF)
         if current in paths:
             self.model.setCurrentIndex(paths.index(current))
         self.model.blockSignals(False)
