@@ -9,6 +9,10 @@ torch: `torch==2.13.0` is asked for. On Linux that is PyPI's CUDA build, so a us
 gets GPU support; where a CPU build of that version is available locally (a wheel directory known to
 pip) pip takes it. Override with MOEDESK_TORCH="torch==X" and MOEDESK_TORCH_INDEX_URL=<index> (for
 example PyTorch's CPU-only index, to avoid the large CUDA download on a machine without a GPU).
+
+llama.cpp (GGUF models): llama-cpp-python is built from source (a C++ compiler and CMake needed, about
+6 minutes; pip caches the wheel). For the app a failed build is a warning — native models still work;
+for the tests it is an error. For a CUDA build set CMAKE_ARGS="-DGGML_CUDA=on" before the first run.
 """
 from __future__ import annotations
 
@@ -59,6 +63,12 @@ def install(extras: str) -> None:
             sys.exit("could not install torch; set MOEDESK_TORCH / MOEDESK_TORCH_INDEX_URL and retry")
     if run(pip + ["-e", f".{extras}"]) != 0:
         sys.exit("could not install moedesk's dependencies")
+    if subprocess.call([str(PY), "-c", "import llama_cpp"], stderr=subprocess.DEVNULL) != 0:
+        print("building llama-cpp-python for GGUF models (once; a few minutes)", flush=True)
+        if run(pip + ["-e", ".[llamacpp]"]) != 0:
+            if extras == "[test]":
+                sys.exit("could not install llama-cpp-python (needs a C++ compiler and CMake); the tests need it")
+            print("could not install llama-cpp-python: GGUF models will not open, native models will", flush=True)
     if extras == "[test]" and sys.platform.startswith("linux") and \
             subprocess.call([str(PY), "-c", "import triton"], stderr=subprocess.DEVNULL) != 0:
         if run(pip + [TRITON]) != 0:
