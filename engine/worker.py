@@ -25,7 +25,12 @@ def native_backend() -> Backend:
     return NativeBackend()
 
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"native": native_backend}
+def llamacpp_backend() -> Backend:
+    from engine.backends.llamacpp import LlamaCppBackend  # imports llama_cpp: only when a GGUF is loaded
+    return LlamaCppBackend()
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"native": native_backend, "llamacpp": llamacpp_backend}
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -1,0 +1,745 @@
+"""The llama.cpp backend: a GGUF model through llama-cpp-python's C bindings, decoded by moedesk.
+
+llama.cpp evaluates, moedesk decides. We call llama_decode and read the logits ourselves rather than
+use Llama.generate, because
+- sampling must follow the protocol's settings the way the native backend applies them (temperature,
+  then top-k / top-p / min-p: engine/sampling.py through TokenPicker); llama.cpp's sampler chain cuts
+  before the temperature, which is another distribution;
+- speculation needs the logits at every verified position, an exact cache rollback and acceptance
+  figures, none of which Llama.generate gives;
+- the high-level Llama() cannot load a model's MTP layers (llama_model_params.load_mtp).
+
+The worker imports this module only when a "llamacpp" load arrives, so llama_cpp is never loaded
+otherwise. llama.cpp aborts the process on some malformed files; that is one reason it runs in the
+worker, whose death the app survives.
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import struct
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import llama_cpp
+import numpy as np
+import torch
+
+from engine.backends.base import Backend, BackendError, EmitFn, ProgressFn
+from engine.backends.native import rss_bytes
+from engine.generate import Emitter, TokenPicker
+from engine.protocol import Done, Generate, Load, Token
+from engine.sampling import SamplingParams, sample
+from engine.speculative import DraftLength, SpeculativeConfig, SpecStats, verify
+from engine.tokenizer import ChatTemplateError, Tokenizer
+
+try:  # llama.cpp's MTP calls (llama-ext.h, C++ linkage), bound only in llama-cpp-python's private module
+    from llama_cpp import llama_cpp_ext as nextn
+except (ImportError, AttributeError):  # a build without them: no MTP drafting
+    nextn = None
+
+MAX_CONTEXT = 8192  # llama.cpp allocates the whole KV cache up front; longer models are capped here
+BATCH = 512  # tokens per llama_decode call; a long prompt is fed in chunks, checking for cancel between
+NGRAM = 3  # prompt lookup matches the last 3, 2, then 1 tokens
+CPU = torch.device("cpu")
+
+
+# ---- the file, before llama.cpp sees it ----
+
+def check_gguf(path: Path, what: str = "model") -> str:
+    """The file's general.architecture, or a BackendError saying why it is not a GGUF we can load."""
+    if not path.exists():
+        raise BackendError("not_found", f"{what} file not found: {path}")
+    if path.is_dir():
+        raise BackendError("bad_format", f"{path} is a folder; the llama.cpp backend loads one .gguf file")
+    try:
+        with open(path, "rb") as f:
+            arch = read_architecture(f, path.name)
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise BackendError("bad_format", f"{path.name} is not a readable GGUF file ({e})") from e
+    if arch not in gguf.MODEL_ARCH_NAMES.values():
+        raise BackendError("unsupported", f"{path.name}: llama.cpp does not know the architecture {arch!r}")
+    return arch
+
+
+def read_architecture(f, name: str) -> str:
+    """Walk the key/value header up to general.architecture (converters write it first). The gguf
+    package's GGUFReader would do, but it parses every array up front: ~5 s for a 129k-token vocabulary."""
+    magic = f.read(4)
+    if magic != gguf.GGUF_MAGIC.to_bytes(4, "little"):
+        raise BackendError("bad_format", f"{name} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+    if version not in (2, 3):
+        raise BackendError("bad_format", f"{name} is GGUF version {version}; llama.cpp reads versions 2 and 3")
+    for _ in range(n_kv):
+        key = _gguf_string(f)
+        vtype = gguf.GGUFValueType(struct.unpack("<I", f.read(4))[0])
+        if key == "general.architecture" and vtype == gguf.GGUFValueType.STRING:
+            return _gguf_string(f)
+        _skip_value(f, vtype)
+    raise BackendError("bad_format", f"{name} has no general.architecture key")
+
+
+_SCALAR_SIZE = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+                gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
+                gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
+                gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
+
+
+def _gguf_string(f) -> str:
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > 1 << 26:
+        raise ValueError(f"a {n}-byte string in the header")
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError("the file ends inside its header")
+    return data.decode("utf-8")
+
+
+def _skip_value(f, vtype) -> None:
+    if vtype == gguf.GGUFValueType.STRING:
+        f.seek(struct.unpack("<Q", f.read(8))[0], os.SEEK_CUR)
+    elif vtype == gguf.GGUFValueType.ARRAY:
+        item = gguf.GGUFValueType(struct.unpack("<I", f.read(4))[0])
+        (count,) = struct.unpack("<Q", f.read(8))
+        if item in _SCALAR_SIZE:
+            f.seek(count * _SCALAR_SIZE[item], os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _skip_value(f, item)
+    else:
+        f.seek(_SCALAR_SIZE[vtype], os.SEEK_CUR)
+
+
+# ---- llama.cpp's log: kept so a failed load can say why ----
+
+_log_tail: deque[str] = deque(maxlen=60)
+_log_shown = [False]  # whether the line a GGML_LOG_LEVEL_CONT continues went to stderr
+_backend_ready = [False]
+
+
+@llama_cpp.llama_log_callback
+def _on_log(level: int, text: bytes, _user) -> None:
+    line = text.decode("utf-8", "replace")
+    _log_tail.append(line)
+    if level != 5:  # 5: continues the previous line
+        _log_shown[0] = level >= 3  # GGML_LOG_LEVEL_WARN and _ERROR go to the worker's log
+    if _log_shown[0]:
+        sys.stderr.write(line)
+
+
+def _init_library() -> None:
+    """Once: llama.cpp's backends. Every time: our log callback, which llama-cpp-python's own logger
+    (or anyone else's) may have replaced since."""
+    if not _backend_ready[0]:
+        llama_cpp.llama_backend_init()
+        _backend_ready[0] = True
+    llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
+
+
+def _last_error() -> str:
+    lines = [s.strip() for s in _log_tail if s.strip()]
+    bad = [s for s in lines if any(w in s.lower() for w in ("error", "failed", "invalid", "unknown", "not found"))]
+    return "; ".join((bad or lines)[-2:]) or "no reason given"
+
+
+# ---- llama.cpp objects ----
+
+class GGUFModel:
+    """A loaded llama_model and its vocabulary."""
+
+    def __init__(self, path: Path, gpu_layers: int, load_mtp: bool, progress: Callable[[float], None]):
+        _init_library()
+
+        def on_progress(fraction: float, _user) -> bool:
+            try:
+                progress(fraction)
+            except Exception:  # noqa: BLE001 - an exception here would read as "abort the load"
+                pass
+            return True
+
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers
+        params.load_mtp = load_mtp
+        callback = llama_cpp.llama_progress_callback(on_progress)  # alive for the whole call
+        params.progress_callback = callback
+        _log_tail.clear()
+        self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise BackendError("load_failed", f"llama.cpp could not load {path.name}: {_last_error()}")
+        self.path = path
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.ptr)
+        self._piece = ctypes.create_string_buffer(256)
+
+    def meta(self, key: str) -> str | None:
+        size = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), None, 0)
+        if size < 0:
+            return None
+        buf = ctypes.create_string_buffer(size + 1)
+        llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, size + 1)
+        return buf.value.decode("utf-8", "replace")
+
+    def token_text(self, token: int) -> bytes:
+        return llama_cpp.llama_vocab_get_text(self.vocab, token) or b""
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token stands for; control tokens (special=False) stand for nothing."""
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:
+            self._piece = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:n]
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        room = len(data) + 8
+        ids = (llama_cpp.llama_token * room)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), ids, room, add_special, parse_special)
+        if n < 0:  # never for byte-level vocabularies (one token per byte at most), but be exact
+            room = -n
+            ids = (llama_cpp.llama_token * room)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), ids, room, add_special, parse_special)
+        return list(ids[:n])
+
+    def end_of_generation_ids(self) -> frozenset[int]:
+        return frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+
+    def free(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class Context:
+    """A llama_context on sequence 0. `tokens` is what its KV cache holds, at positions 0..len-1.
+
+    mtp: a context of llama.cpp's MTP graph (ctx_type MTP) over the model's first nextn layer. Its rows
+    carry a token and a hidden state (`states`); it outputs its own hidden state with the logits."""
+
+    def __init__(self, model: GGUFModel, n_ctx: int, threads: tuple[int, int], gpu: bool, mtp: bool = False):
+        _init_library()
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = BATCH
+        params.n_threads, params.n_threads_batch = threads
+        # Flash attention computes in F16 on the CPU (gguf_trial.md): no faster there, only less exact.
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        if mtp:
+            params.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
+        self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise BackendError("load_failed", f"llama.cpp could not make a context for {model.path.name}: "
+                                              f"{_last_error()}")
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
+        self.n_vocab, self.n_embd = model.n_vocab, model.n_embd
+        self.memory = llama_cpp.llama_get_memory(self.ptr)
+        self.tokens: list[int] = []
+        self.states: dict[int, np.ndarray] | None = None  # the hidden state per position, while kept
+        self.batch = llama_cpp.llama_batch_init(BATCH, self.n_embd if mtp else 0, 1)
+        self.embd = None
+        if mtp:  # an embedding batch has no token array of its own; MTP rows need both
+            self.token_ids = (llama_cpp.llama_token * BATCH)()
+            self.batch.token = self.token_ids
+            self.embd = np.ctypeslib.as_array(self.batch.embd, shape=(BATCH, self.n_embd))
+            nextn.llama_set_embeddings_nextn(self.ptr, True, True)
+
+    def keep_states(self, on: bool) -> None:
+        """Record the hidden state of every token fed (the target's, for an MTP drafter), or stop."""
+        nextn.llama_set_embeddings_nextn(self.ptr, on, False)
+        self.states = {} if on else None
+
+    def common_prefix(self, tokens: list[int]) -> int:
+        n, limit = 0, min(len(self.tokens), len(tokens))
+        while n < limit and self.tokens[n] == tokens[n]:
+            n += 1
+        return n
+
+    def rewind(self, n: int) -> None:
+        """Keep the first n tokens of the cache."""
+        if n < len(self.tokens):
+            if not llama_cpp.llama_memory_seq_rm(self.memory, 0, n, -1):
+                raise RuntimeError("this model's cache cannot be rolled back (a recurrent architecture?)")
+            del self.tokens[n:]
+        if self.states:
+            for pos in [p for p in self.states if p >= n]:
+                del self.states[pos]
+
+    def extend(self, tokens: list[int], all_logits: bool = False, should_stop: Callable[[], bool] | None = None,
+               states: np.ndarray | None = None) -> bool:
+        """Feed tokens (and, in an MTP context, their states [n, H]) after the cached ones; logits for
+        every one (all_logits) or the last. False if stopped between chunks (the cache then holds the
+        chunks fed so far)."""
+        for start in range(0, len(tokens), BATCH):
+            if start and should_stop and should_stop():
+                return False
+            chunk = tokens[start:start + BATCH]
+            last = start + len(chunk) == len(tokens)
+            self._decode(chunk, lambda i: all_logits or (last and i == len(chunk) - 1),
+                         None if states is None else states[start:start + len(chunk)])
+        return True
+
+    def _decode(self, chunk: list[int], wants_logits: Callable[[int], bool], states: np.ndarray | None) -> None:
+        b, pos = self.batch, len(self.tokens)
+        if pos + len(chunk) > self.n_ctx:
+            raise BackendError("bad_request", f"the context of {self.n_ctx} tokens is full")
+        b.n_tokens = len(chunk)
+        for i, t in enumerate(chunk):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos + i, 1, wants_logits(i)
+            b.seq_id[i][0] = 0
+        if states is not None:
+            self.embd[:len(chunk)] = states
+        rc = llama_cpp.llama_decode(self.ptr, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}): {_last_error()}")
+        self.tokens += chunk
+        if self.states is not None:
+            rows = np.ctypeslib.as_array(nextn.llama_get_embeddings_nextn(self.ptr), shape=(len(chunk), self.n_embd))
+            self.states.update((pos + i, row.copy()) for i, row in enumerate(rows))
+
+    def logits(self, i: int = -1) -> torch.Tensor:
+        """[V] logits of row i of the last decode (batch index; -1 the last row that has them)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise RuntimeError(f"no logits for row {i}")
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+
+    def output_state(self) -> np.ndarray:
+        """[H] the hidden state an MTP context computed for the last row of its last decode."""
+        ptr = nextn.llama_get_embeddings_nextn_ith(self.ptr, self.batch.n_tokens - 1)
+        if not ptr:
+            raise RuntimeError("no hidden state for the last row")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
+
+    def free(self) -> None:
+        if self.ptr:
+            if self.embd is not None:
+                self.batch.token = ctypes.POINTER(llama_cpp.llama_token)()  # ours, not llama_batch_free's
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+
+# ---- text ----
+
+class PieceStream:
+    """engine.generate.TextStream's decoder for llama.cpp tokens: pieces are bytes, and a UTF-8
+    character may span tokens, so bytes wait until their character is whole."""
+
+    def __init__(self):
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def step(self, model: GGUFModel, token: int) -> str:
+        return self.utf8.decode(model.piece(token))
+
+
+class GGUFText:
+    """What TextStream asks of a tokenizer (`decode_stream()`, and `tok` handed back to `step`), and
+    what engine.tokenizer.Tokenizer asks when it only renders the chat template (`token_to_id`)."""
+
+    def __init__(self, model: GGUFModel):
+        self.tok = model
+        self.specials: dict[str, int] = {}
+        for tid in (llama_cpp.llama_vocab_bos(model.vocab), llama_cpp.llama_vocab_eos(model.vocab)):
+            if tid >= 0:
+                self.specials[model.token_text(tid).decode("utf-8", "replace")] = tid
+
+    def decode_stream(self) -> PieceStream:
+        return PieceStream()
+
+    def token_to_id(self, text: str) -> int | None:
+        return self.specials.get(text)
+
+
+def chat_renderer(model: GGUFModel, text: GGUFText) -> Tokenizer | None:
+    """The GGUF's tokenizer.chat_template in our sandboxed Jinja environment (engine/tokenizer.py)."""
+    template = llama_cpp.llama_model_chat_template(model.ptr, None)
+    if not template:
+        return None
+    vocab = model.vocab
+    config = {}
+    for key, tid in (("bos_token", llama_cpp.llama_vocab_bos(vocab)), ("eos_token", llama_cpp.llama_vocab_eos(vocab))):
+        if tid >= 0:
+            config[key] = model.token_text(tid).decode("utf-8", "replace")
+    return Tokenizer(text, config, template.decode("utf-8", "replace"))
+
+
+# ---- drafters: propose k tokens after `tokens`; the target verifies them ----
+
+def propose(logits: torch.Tensor, picker: TokenPicker, drafts: list, qs: list) -> None:
+    """One draft token from a drafter's logits: its argmax when greedy, else a sample from its
+    distribution q under the same settings (kept for the acceptance test)."""
+    if picker.params.greedy:
+        drafts.append(picker.choose(logits, drafts))
+        qs.append(None)
+    else:
+        q = picker.probs(logits, drafts)
+        drafts.append(int(sample(q, picker.generator)))
+        qs.append(q)
+
+
+class LookupDrafter:
+    """Prompt lookup decoding: find the latest earlier occurrence of the text's last n tokens
+    (n = NGRAM..1) and propose what followed it. The draft is deterministic, so its q is a point mass:
+    speculative sampling then keeps a draft d with probability p(d) and otherwise samples from p
+    without d, which leaves the output distributed as p."""
+
+    def __init__(self, n_vocab: int):
+        self.n_vocab = n_vocab
+
+    def begin(self, ids: list[int]) -> int:
+        """A request starts: how much of the target's cached prefix it may keep."""
+        return len(ids)
+
+    def end(self) -> None:
+        pass
+
+    def draft(self, tokens: list[int], k: int, picker: TokenPicker) -> tuple[list[int], list]:
+        seq = np.asarray(tokens)
+        drafts: list[int] = []
+        for n in range(min(NGRAM, len(seq) - 1), 0, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # every earlier n-gram
+            hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                drafts = seq[start:start + k].tolist()
+                break
+        if picker.params.greedy:
+            return drafts, [None] * len(drafts)
+        return drafts, [torch.nn.functional.one_hot(torch.tensor(d), self.n_vocab).float() for d in drafts]
+
+
+class ModelDrafter:
+    """A second GGUF with the same vocabulary drafts autoregressively in its own context."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def begin(self, ids: list[int]) -> int:
+        return len(ids)
+
+    def end(self) -> None:
+        pass
+
+    def draft(self, tokens: list[int], k: int, picker: TokenPicker) -> tuple[list[int], list]:
+        ctx = self.ctx
+        ctx.rewind(min(ctx.common_prefix(tokens), len(tokens) - 1))  # keep what it has seen of the text
+        ctx.extend(tokens[len(ctx.tokens):])
+        drafts, qs = [], []
+        for j in range(k):
+            propose(ctx.logits(), picker, drafts, qs)
+            if j + 1 < k:
+                ctx.extend(drafts[-1:])
+        return drafts, qs
+
+
+class MTPDrafter:
+    """The model's own MTP layer, run by llama.cpp's MTP graph in a context of its own.
+
+    Its entry at position p is token p with the target's hidden state at p-1 and predicts token p+1;
+    position 0 has none, as in DeepSeek's MTP (an entry there with a zero state would be attended by all
+    later ones). An entry is final once token p is committed. Each round first feeds the entries that
+    became final, the newest committed token's last; drafts after the first chain the layer on its own
+    output state, which llama.cpp gives after the shared head norm (it gives the target's after the
+    final norm, as DeepSeek's MTP takes it). Only the first nextn layer is used."""
+
+    def __init__(self, ctx: Context, target: Context):
+        self.ctx, self.target = ctx, target
+        self.final = 0  # the leading positions of ctx whose entries are final (0 counts, having none)
+
+    def begin(self, ids: list[int]) -> int:
+        """The target records its hidden states for this request. The entries still to feed need the
+        state before them, so the target's cache is kept only up to the first of those."""
+        self.target.keep_states(True)
+        return max(min(self.ctx.common_prefix(ids), self.final) - 1, 0)
+
+    def end(self) -> None:
+        self.target.keep_states(False)
+
+    def draft(self, tokens: list[int], k: int, picker: TokenPicker) -> tuple[list[int], list]:
+        ctx, N = self.ctx, len(tokens) - 1
+        start = min(ctx.common_prefix(tokens), self.final, N)  # entry N (the newest token) is always fed
+        ctx.rewind(start)
+        if not ctx.tokens:
+            ctx.tokens.append(tokens[0])
+            start = 1
+        states = self.target.states
+        ctx.extend(tokens[start:N + 1], states=np.stack([states[p - 1] for p in range(start, N + 1)]))
+        self.final = N + 1
+        for p in [p for p in states if p < N - 1]:  # consumed; N-1 stays should entry N be fed again
+            del states[p]
+        drafts, qs = [], []
+        for j in range(k):
+            propose(ctx.logits(), picker, drafts, qs)
+            if j + 1 < k:
+                ctx.extend(drafts[-1:], states=ctx.output_state()[None])
+        return drafts, qs
+
+
+def vocab_mismatch(target: GGUFModel, draft: GGUFModel) -> str | None:
+    """Why the draft cannot propose tokens for the target, or None: same size, same text per id."""
+    if target.n_vocab != draft.n_vocab:
+        return f"its vocabulary has {draft.n_vocab} tokens, the model's has {target.n_vocab}"
+    for t in range(target.n_vocab):
+        if target.token_text(t) != draft.token_text(t):
+            return (f"token {t} is {draft.token_text(t).decode('utf-8', 'replace')!r} in the draft but "
+                    f"{target.token_text(t).decode('utf-8', 'replace')!r} in the model")
+    return None
+
+
+# ---- decoding ----
+
+def prefill(ctx: Context, ids: list[int], keep: int, should_stop: Callable[[], bool]) -> torch.Tensor | None:
+    """Bring the cache to the prompt, reusing up to `keep` tokens of the prefix it holds (the previous
+    turn of a chat); the logits after the prompt, or None if stopped."""
+    ctx.rewind(min(ctx.common_prefix(ids), keep, len(ids) - 1))  # at least one token to get logits from
+    if not ctx.extend(ids[len(ctx.tokens):], should_stop=should_stop):
+        return None
+    return ctx.logits()
+
+
+def decode(ctx: Context, tokens: list[int], picker: TokenPicker, emitter: Emitter,
+           should_stop: Callable[[], bool], drafter=None, control: DraftLength | None = None) -> dict:
+    """Generate after `tokens` (the prompt and the first token, which the cache has not seen yet).
+
+    Each step feeds the newest token and any drafts in one llama_decode, verifies the drafts against
+    those logits (engine/speculative.verify: greedy keeps a draft while it equals the argmax, sampling
+    uses the min(1, p/q) test with the residual), rolls the cache back past the first rejected draft and
+    commits the kept drafts plus the target's own next token. Without a drafter every step is plain.
+    llama.cpp computes a k+1-token batch with the same kernels per row, so greedy speculative output
+    equals plain output, up to float differences that only an exact logit tie could expose."""
+    stats = SpecStats()
+    done = False
+    while not done:
+        if should_stop():
+            emitter.finish = "cancelled"
+            break
+        N = len(tokens) - 1
+        k = control.choose(min(emitter.remaining - 1, ctx.n_ctx - N - 1)) if drafter else 0
+        t0 = time.perf_counter()
+        drafts, qs = drafter.draft(tokens, k, picker) if k else ([], [])
+        t1 = time.perf_counter()
+        ctx.extend([tokens[N], *drafts], all_logits=True)
+        logits = torch.stack([ctx.logits(i) for i in range(len(drafts) + 1)])  # [k+1, V]
+        accepted, bonus = verify(logits, drafts, qs, picker)
+        ctx.rewind(N + 1 + accepted)
+        t2 = time.perf_counter()
+        for i, t in enumerate(drafts[:accepted] + [bonus]):
+            picker.commit(t)
+            tokens.append(t)
+            if emitter.push(t, from_draft=i < accepted):
+                done = True
+                break
+        if drafter:
+            control.observe(len(drafts), accepted, time.perf_counter() - t0, t1 - t0)
+            stats.record(len(drafts), accepted, t1 - t0, t2 - t1)
+    return stats.as_dict() if drafter else {}
+
+
+# ---- the backend ----
+
+def cpu_threads() -> tuple[int, int]:
+    """(decode, batch) threads: decoding is memory-bound and does best on about one thread per
+    physical core (half the logical CPUs, llama-cpp-python's default); batches use them all."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n // 2), n
+
+
+def file_type_name(model: GGUFModel) -> str:
+    ftype = llama_cpp.llama_model_ftype(model.ptr) & ~1024  # LLAMA_FTYPE_GUESSED
+    try:
+        return gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"ftype {ftype}"
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+
+    def __init__(self):
+        self.model: GGUFModel | None = None
+        self.ctx: Context | None = None
+        self.mtp_ctx: Context | None = None
+        self.draft_model: GGUFModel | None = None
+        self.draft_ctx: Context | None = None
+        self.arch = ""
+        self.gpu = False
+        self.mtp_error: str | None = None
+        self.controls: dict[tuple, DraftLength] = {}
+
+    # ---- loading ----
+
+    def load(self, request: Load, progress: ProgressFn) -> dict:
+        self.unload()
+        if request.quant or request.dtype:
+            raise BackendError("unsupported", "a GGUF file carries its own quantization; choose another file "
+                                              "rather than quant or dtype")
+        path = Path(request.path).expanduser()
+        self.arch = check_gguf(path)
+        draft_path = Path(request.draft).expanduser() if request.draft else None
+        if draft_path:
+            check_gguf(draft_path, "draft model")
+        self.gpu = bool(llama_cpp.llama_supports_gpu_offload()) and request.device != "cpu"
+        if request.device == "cuda" and not self.gpu:
+            raise BackendError("unsupported", "this llama.cpp build has no GPU support; load on the CPU instead")
+        share = 0.8 if draft_path else 1.0
+        # load_mtp reads the nextn layers of a file that has them (one more layer) so MTP can draft
+        self.model = GGUFModel(path, -1 if self.gpu else 0, nextn is not None,
+                               lambda f: progress("loading", f * share))
+        n_ctx = min(llama_cpp.llama_model_n_ctx_train(self.model.ptr) or MAX_CONTEXT, MAX_CONTEXT)
+        self.ctx = Context(self.model, n_ctx, cpu_threads(), self.gpu)
+        self.mtp_ctx, self.mtp_error = self.mtp_context()
+        if draft_path:
+            self.load_draft(draft_path, lambda f: progress("loading draft", share + (1 - share) * f))
+        self.text = GGUFText(self.model)
+        self.chat = chat_renderer(self.model, self.text)
+        self.eog = self.model.end_of_generation_ids()
+        progress("ready", 1.0)
+        return self.info()
+
+    def mtp_context(self) -> tuple[Context | None, str | None]:
+        """The MTP graph's context, or why there is none (reported when mode "mtp" is asked for)."""
+        if nextn is None:
+            return None, "this llama-cpp-python build does not bind llama.cpp's MTP calls"
+        layers = llama_cpp.llama_model_n_layer_nextn(self.model.ptr)
+        if not layers:
+            return None, "this GGUF has no MTP (nextn) layers; use speculative mode \"lookup\" or \"draft\""
+        if layers != 1:  # deepseek2's MTP graph asserts one block: making the context would abort the worker
+            return None, f"llama.cpp runs MTP with exactly one nextn layer; this GGUF has {layers}"
+        try:
+            return Context(self.model, self.ctx.n_ctx, cpu_threads(), self.gpu, mtp=True), None
+        except BackendError as e:
+            return None, f"llama.cpp has no MTP graph for {self.arch} here ({e.message})"
+
+    def load_draft(self, path: Path, progress: Callable[[float], None]) -> None:
+        self.draft_model = GGUFModel(path, -1 if self.gpu else 0, False, progress)
+        why = vocab_mismatch(self.model, self.draft_model)
+        if why:
+            raise BackendError("incompatible_draft", f"{path.name} cannot draft for {self.model.path.name}: "
+                                                     f"{why}; a draft model needs the same tokenizer")
+        self.draft_ctx = Context(self.draft_model, self.ctx.n_ctx, cpu_threads(), self.gpu)
+
+    def info(self) -> dict:
+        if self.model is None:
+            return {}
+        m = self.model
+        experts = m.meta(f"{self.arch}.expert_count")
+        used = m.meta(f"{self.arch}.expert_used_count")
+        modes = ["off", "lookup"] + (["draft"] if self.draft_ctx else []) + (["mtp"] if self.mtp_ctx else [])
+        return {
+            "name": m.path.name, "path": str(m.path), "backend": self.name, "architecture": self.arch,
+            "model_type": self.arch, "description": m.meta("general.name"),
+            "quantization": file_type_name(m), "device": "gpu" if self.gpu else "cpu", "gpu_offload": self.gpu,
+            "parameters": llama_cpp.llama_model_n_params(m.ptr), "weight_bytes": llama_cpp.llama_model_size(m.ptr),
+            "memory_bytes": rss_bytes(), "context_length": self.ctx.n_ctx,
+            "context_length_trained": llama_cpp.llama_model_n_ctx_train(m.ptr), "vocab_size": m.n_vocab,
+            "experts": int(experts) if experts else None, "experts_per_token": int(used) if used else None,
+            "mtp_modules": llama_cpp.llama_model_n_layer_nextn(m.ptr), "has_chat_template": self.chat is not None,
+            "draft": self.draft_model.path.name if self.draft_model else None,
+            "speculative_modes": modes, "threads": list(cpu_threads()),
+        }
+
+    # ---- generation ----
+
+    def prompt_ids(self, request: Generate) -> list[int]:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        try:
+            if self.chat:  # the rendered template writes its own bos and special tokens
+                ids = self.model.tokenize(self.chat.render_chat(messages), add_special=False, parse_special=True)
+            else:
+                ids = self.model.tokenize("\n".join(m["content"] for m in messages), True, False)
+        except ChatTemplateError as e:
+            raise BackendError("bad_request", str(e)) from e
+        if not ids:
+            raise BackendError("bad_request", "the prompt is empty")
+        if len(ids) >= self.ctx.n_ctx:
+            raise BackendError("bad_request", f"the prompt has {len(ids)} tokens; the context is {self.ctx.n_ctx}")
+        return ids
+
+    def drafter(self, mode: str, k):
+        """The drafter and draft-length controller for a speculative mode (None, None when off)."""
+        if mode == "off":
+            return None, None
+        if mode == "lookup":
+            drafter = LookupDrafter(self.model.n_vocab)
+        elif mode == "draft":
+            if self.draft_ctx is None:
+                raise BackendError("unsupported", "speculative mode \"draft\" needs a draft model: load one "
+                                                  "with the model (Load.draft)")
+            drafter = ModelDrafter(self.draft_ctx)
+        elif self.mtp_ctx is None:
+            raise BackendError("unsupported", self.mtp_error)
+        else:
+            drafter = self.mtp_drafter = getattr(self, "mtp_drafter", None) or MTPDrafter(self.mtp_ctx, self.ctx)
+        # One controller per mode and k, kept across requests: what it measured still holds.
+        control = self.controls.setdefault((mode, k), DraftLength(SpeculativeConfig(k=k)))
+        return drafter, control
+
+    def generate(self, request: Generate, emit: EmitFn, cancelled: Callable[[], bool]) -> Done:
+        if self.model is None:
+            raise BackendError("not_loaded", "no model is loaded")
+        p, spec = request.params, request.params.speculative
+        try:
+            params = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                                    repetition_penalty=p.repetition_penalty, seed=p.seed,
+                                    max_tokens=p.max_tokens, stop=p.stop)
+        except ValueError as e:
+            raise BackendError("bad_request", str(e)) from e
+        drafter, control = self.drafter(spec.mode, spec.k)
+        ids = self.prompt_ids(request)
+        from_draft = [False]
+
+        def on_token(token: int, draft: bool) -> None:
+            from_draft[0] = draft
+
+        def on_text(text: str) -> None:
+            emit(Token(id=request.id, text=text, accepted=from_draft[0]))
+
+        emitter = Emitter(min(params.max_tokens, self.ctx.n_ctx - len(ids)), self.text, params.stop, self.eog,
+                          on_text, on_token)
+        keep = drafter.begin(ids) if drafter else len(ids)
+        try:
+            stats = self.run(ids, TokenPicker(params, ids, CPU), emitter, cancelled, drafter, control, keep)
+        finally:
+            if drafter:
+                drafter.end()
+        if spec.mode != "off":
+            stats["speculative"] = spec.mode
+        if spec.mode == "draft":
+            stats["draft_model"] = self.draft_model.path.name
+        return Done(id=request.id, finish_reason=emitter.finish, text=emitter.stream.text, stats=stats)
+
+    def run(self, ids: list[int], picker: TokenPicker, emitter: Emitter, cancelled: Callable[[], bool],
+            drafter, control: DraftLength | None, keep: int) -> dict:
+        """Prefill, the first token, then decoding → the stats."""
+        cached = min(self.ctx.common_prefix(ids), keep, len(ids) - 1)
+        logits = prefill(self.ctx, ids, keep, cancelled)
+        t_prefill = time.perf_counter() - emitter.t0
+        extra = {}
+        if logits is None:
+            emitter.finish = "cancelled"
+        else:
+            tokens = ids + [picker.pick(logits)]
+            if not emitter.push(tokens[-1]):
+                extra = decode(self.ctx, tokens, picker, emitter, cancelled, drafter, control)
+        stats = emitter.close(len(ids), t_prefill).stats
+        stats.update(extra, cached_prompt_tokens=cached)
+        if cached:  # the prefill computed only the tokens after the cached prefix
+            stats["prefill_tokens_per_s"] = (len(ids) - cached) / t_prefill if t_prefill > 0 else None
+        return stats
+
+    def unload(self) -> None:
+        # contexts before their models: a context refers to its model
+        for obj in (self.draft_ctx, self.mtp_ctx, self.ctx, self.draft_model, self.model):
+            if obj is not None:
+                obj.free()
+        self.model = self.ctx = self.mtp_ctx = self.draft_model = self.draft_ctx = None
+        self.mtp_drafter = None
+        self.controls.clear()
