@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                              ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:
         r.add_argument(f"--{name}", type=kind, default=None, help=what or None)
 
+    x = sub.add_parser("export-gguf", help="write the model as a GGUF file for llama.cpp (deepseek2)")
+    x.add_argument("--model", default=None, help="model folder; default: the bundled model")
+    x.add_argument("--out", required=True, help="the .gguf file to write")
+    x.add_argument("--type", dest="ftype", choices=["f32", "f16", "q8_0", "q4_k_m"], default="f16",
+                   help="weight type (q4_k_m: llama.cpp's own quantizer; norms and routers stay f32)")
+    x.add_argument("--no-mtp", dest="mtp", action="store_false", help="leave the MTP modules out")
+
     t = sub.add_parser("init-tiny", help="write a small random-weight model (for tests and trying things)")
     t.add_argument("--out", default=str(DEFAULT_TINY_DIR))
     t.add_argument("--seed", type=int, default=0)
@@ -285,6 +292,30 @@ def cmd_tune_routing(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is read from the folder; nothing downloads
+    from engine.export.gguf import describe_gguf, export_gguf
+
+    shown = [None]
+
+    def progress(stage: str, fraction: float) -> None:
+        step = (stage, int(fraction * 10))  # every 10%
+        if step != shown[0]:
+            shown[0] = step
+            print(f"\r{stage} {fraction:4.0%}   ", end="", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    out = export_gguf(args.model, args.out, args.ftype, progress=progress, mtp=args.mtp)
+    d = describe_gguf(out)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(d["types"].items(), key=lambda kv: -kv[1]))
+    print(file=sys.stderr)
+    print(f"wrote {out} ({args.ftype}, {d['bytes'] / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s: "
+          f"{d['tensors']} tensors ({types}), {d['vocab']} tokens, {d['mtp_layers']} MTP layers, "
+          f"chat template {'included' if d['chat_template'] else 'absent'}")
+    return 0
+
+
 def cmd_init_tiny(args) -> int:
     from engine.tiny import v2_lite_config, write_tiny_model
 
@@ -317,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         default_model(args)
         return {"generate": cmd_generate, "eval": cmd_eval, "bench": cmd_bench,
                 "train-default": cmd_train_default, "init-tiny": cmd_init_tiny,
-                "quantize": cmd_quantize, "tune-routing": cmd_tune_routing}[args.command](args)
+                "quantize": cmd_quantize, "tune-routing": cmd_tune_routing,
+                "export-gguf": cmd_export_gguf}[args.command](args)
     except (ModelLoadError, ChatTemplateError, ValueError, FileNotFoundError) as e:
         # A bad file or argument is the user's to fix: one clear line, no traceback.
         print(f"error: {e}", file=sys.stderr)

@@ -46,8 +46,9 @@ LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h's enum llama_ftype
 LLAMA_READS_DEEPSEEK2_MTP = True
 
 
-class ExportError(Exception):
-    """A model this exporter cannot write faithfully, or a llama.cpp step that failed; names the reason."""
+class ExportError(ValueError):
+    """A model this exporter cannot write faithfully, or a llama.cpp step that failed; names the reason.
+    A ValueError, so the command line reports it as one line, like a bad argument."""
 
 
 # ---- what llama.cpp can express --------------------------------------------------------------------
@@ -99,8 +100,7 @@ def write_model_keys(w: gguf.GGUFWriter, cfg: ModelConfig, n_mtp: int) -> None:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(1)  # MLA runs as one shared latent "head"
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if cfg.q_lora_rank:
-        w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_q_lora_rank(cfg.q_lora_rank or 0)
     w.add_kv_lora_rank(cfg.kv_lora_rank)
     w.add_key_length(cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # what attention sees after absorption
     w.add_value_length(cfg.kv_lora_rank)
@@ -397,7 +397,8 @@ def load_dtype(model_dir: Path) -> torch.dtype:
     """Load in the checkpoint's own 16-bit type when every float weight has it (lossless, half the memory
     of fp32); otherwise fp32 (fp32 weights, and FP8 ones, which dequantize to fp32 without rounding)."""
     infos = scan_headers(checkpoint_files(model_dir))
-    kinds = {i.dtype for i in infos.values() if i.dtype.is_floating_point and len(i.shape) > 1}
+    kinds = {i.dtype for n, i in infos.items() if i.dtype.is_floating_point and len(i.shape) > 1
+             and not n.endswith("mlp.gate.weight")}  # routers are fp32 in any model
     return kinds.pop() if kinds in ({torch.bfloat16}, {torch.float16}) else torch.float32
 
 
@@ -427,6 +428,8 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, ftype: str = "f32",
                 write_gguf(source, model, vocab, n_mtp, "bf16" if dtype == torch.bfloat16 else "f32",
                            model_dir.name, progress)
                 del model
+                if progress:
+                    progress("quantizing with llama.cpp", 0.0)
                 llama_quantize(source, part, LLAMA_FTYPE_MOSTLY_Q4_K_M)
             finally:
                 source.unlink(missing_ok=True)
@@ -436,6 +439,24 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, ftype: str = "f32",
     finally:
         part.unlink(missing_ok=True)
     return out
+
+
+def describe_gguf(path: str | Path) -> dict:
+    """What a GGUF holds, read back from its header: size, tensors per type, vocabulary, MTP layers,
+    whether it has a chat template (for the command line's report, and for tests)."""
+    reader = gguf.GGUFReader(path)
+
+    def value(key):
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"bytes": Path(path).stat().st_size, "tensors": len(reader.tensors), "types": types,
+            "file_type": value("general.file_type"), "vocab": len(value("tokenizer.ggml.tokens") or []),
+            "mtp_layers": value(f"{ARCH}.nextn_predict_layers") or 0,
+            "chat_template": value("tokenizer.chat_template") is not None}
 
 
 # ---- llama.cpp -------------------------------------------------------------------------------------
