@@ -547,7 +547,12 @@ def decode(ctx: Context, tokens: list[int], picker: TokenPicker, emitter: Emitte
 
 def cpu_threads() -> tuple[int, int]:
     """(decode, batch) threads: decoding is memory-bound and does best on about one thread per
-    physical core (half the logical CPUs, llama-cpp-python's default); batches use them all."""
+    physical core (half the logical CPUs, llama-cpp-python's default); batches use them all.
+    MOEDESK_LLAMA_THREADS sets both: on a busy machine llama.cpp's OpenMP barriers stall whenever one
+    of its threads is descheduled, so there fewer threads are faster."""
+    if os.environ.get("MOEDESK_LLAMA_THREADS"):
+        n = max(1, int(os.environ["MOEDESK_LLAMA_THREADS"]))
+        return n, n
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, n // 2), n
 
