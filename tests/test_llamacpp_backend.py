@@ -11,16 +11,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from conftest import write_agreeing_mtp_model
+from gguf_fixtures import exported_tiny, open_llama
 
-pytest.importorskip("llama_cpp")
-
-from conftest import write_agreeing_mtp_model  # noqa: E402
-from engine.backends.base import BackendError  # noqa: E402
-from engine.backends.llamacpp import LlamaCppBackend, vocab_mismatch  # noqa: E402
-from engine.client import WorkerClient  # noqa: E402
-from engine.export.gguf import export_gguf  # noqa: E402
-from engine.protocol import ChatMessage, Done, Error, Generate, GenerateParams, Load, Speculative, Token  # noqa: E402
-from gguf_fixtures import exported_tiny, open_llama  # noqa: E402
+from engine.backends.base import BackendError
+from engine.backends.llamacpp import LlamaCppBackend, vocab_mismatch
+from engine.client import WorkerClient
+from engine.export.gguf import export_gguf
+from engine.protocol import ChatMessage, Done, Error, Generate, GenerateParams, Load, Speculative, Token
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "def main(): return json.dumps(x)"
@@ -44,8 +42,10 @@ def files(tmp_path_factory):
     _, other = exported_tiny(tmp, "f32", seed=1, vocab_size=384)
     no_mtp = export_gguf(model_dir, tmp / "tiny-no-mtp.gguf", "f32", mtp=False)
     agreeing = write_agreeing_mtp_model(tmp / "agree", depth=1, with_tokenizer=True)
+    two_mtp = write_agreeing_mtp_model(tmp / "two", depth=2, with_tokenizer=True)
     return {"f32": f32, "q8": q8, "other": other, "no_mtp": no_mtp, "dir": tmp,
-            "agree": export_gguf(agreeing, tmp / "agree.gguf", "f32")}
+            "agree": export_gguf(agreeing, tmp / "agree.gguf", "f32"),
+            "two_mtp": export_gguf(two_mtp, tmp / "two.gguf", "f32")}
 
 
 @pytest.fixture(scope="module")
@@ -203,13 +203,16 @@ def test_bad_files_are_clear_errors(files):
         b.load(Load(path=str(files["f32"]), backend="llamacpp", draft=str(files["other"])), lambda s, f: None)
     assert e.value.code == "incompatible_draft" and "384" in e.value.message
     b.unload()
-    b.load(Load(path=str(files["no_mtp"]), backend="llamacpp"), lambda stage, f: None)
-    for mode in ("mtp", "draft"):
-        with pytest.raises(BackendError) as e:
-            b.generate(chat(mode=mode), lambda t: None, lambda: False)
-        assert e.value.code == "unsupported"
-    assert run(b, chat())[0].stats["generated_tokens"] > 0
-    b.unload()
+    # No MTP layers, and two (llama.cpp's deepseek2 MTP graph asserts one: making its context would abort)
+    for name, why in (("no_mtp", "no MTP"), ("two_mtp", "exactly one nextn layer")):
+        b.load(Load(path=str(files[name]), backend="llamacpp"), lambda stage, f: None)
+        assert b.info()["speculative_modes"] == ["off", "lookup"]
+        for mode in ("mtp", "draft"):
+            with pytest.raises(BackendError) as e:
+                b.generate(chat(mode=mode), lambda t: None, lambda: False)
+            assert e.value.code == "unsupported" and (why in e.value.message or mode == "draft")
+        assert run(b, chat())[0].stats["generated_tokens"] > 0
+        b.unload()
 
 
 def test_a_draft_vocabulary_must_match_token_by_token():

@@ -16,12 +16,8 @@ worker, whose death the app survives.
 from __future__ import annotations
 
 import codecs
-import ctypes
 import os
-import struct
-import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable
 
@@ -31,300 +27,17 @@ import numpy as np
 import torch
 
 from engine.backends.base import Backend, BackendError, EmitFn, ProgressFn
+from engine.backends.llamacpp_runtime import Context, GGUFModel, check_gguf, nextn
 from engine.backends.native import rss_bytes
 from engine.generate import Emitter, TokenPicker
 from engine.protocol import Done, Generate, Load, Token
 from engine.sampling import SamplingParams, sample
-from engine.speculative import DraftLength, SpeculativeConfig, SpecStats, verify
+from engine.speculative import DraftLength, SpecStats, SpeculativeConfig, verify
 from engine.tokenizer import ChatTemplateError, Tokenizer
 
-try:  # llama.cpp's MTP calls (llama-ext.h, C++ linkage), bound only in llama-cpp-python's private module
-    from llama_cpp import llama_cpp_ext as nextn
-except (ImportError, AttributeError):  # a build without them: no MTP drafting
-    nextn = None
-
 MAX_CONTEXT = 8192  # llama.cpp allocates the whole KV cache up front; longer models are capped here
-BATCH = 512  # tokens per llama_decode call; a long prompt is fed in chunks, checking for cancel between
 NGRAM = 3  # prompt lookup matches the last 3, 2, then 1 tokens
 CPU = torch.device("cpu")
-
-
-# ---- the file, before llama.cpp sees it ----
-
-def check_gguf(path: Path, what: str = "model") -> str:
-    """The file's general.architecture, or a BackendError saying why it is not a GGUF we can load."""
-    if not path.exists():
-        raise BackendError("not_found", f"{what} file not found: {path}")
-    if path.is_dir():
-        raise BackendError("bad_format", f"{path} is a folder; the llama.cpp backend loads one .gguf file")
-    try:
-        with open(path, "rb") as f:
-            arch = read_architecture(f, path.name)
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-        raise BackendError("bad_format", f"{path.name} is not a readable GGUF file ({e})") from e
-    if arch not in gguf.MODEL_ARCH_NAMES.values():
-        raise BackendError("unsupported", f"{path.name}: llama.cpp does not know the architecture {arch!r}")
-    return arch
-
-
-def read_architecture(f, name: str) -> str:
-    """Walk the key/value header up to general.architecture (converters write it first). The gguf
-    package's GGUFReader would do, but it parses every array up front: ~5 s for a 129k-token vocabulary."""
-    magic = f.read(4)
-    if magic != gguf.GGUF_MAGIC.to_bytes(4, "little"):
-        raise BackendError("bad_format", f"{name} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-    if version not in (2, 3):
-        raise BackendError("bad_format", f"{name} is GGUF version {version}; llama.cpp reads versions 2 and 3")
-    for _ in range(n_kv):
-        key = _gguf_string(f)
-        vtype = gguf.GGUFValueType(struct.unpack("<I", f.read(4))[0])
-        if key == "general.architecture" and vtype == gguf.GGUFValueType.STRING:
-            return _gguf_string(f)
-        _skip_value(f, vtype)
-    raise BackendError("bad_format", f"{name} has no general.architecture key")
-
-
-_SCALAR_SIZE = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
-                gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
-                gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
-                gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
-
-
-def _gguf_string(f) -> str:
-    (n,) = struct.unpack("<Q", f.read(8))
-    if n > 1 << 26:
-        raise ValueError(f"a {n}-byte string in the header")
-    data = f.read(n)
-    if len(data) != n:
-        raise ValueError("the file ends inside its header")
-    return data.decode("utf-8")
-
-
-def _skip_value(f, vtype) -> None:
-    if vtype == gguf.GGUFValueType.STRING:
-        f.seek(struct.unpack("<Q", f.read(8))[0], os.SEEK_CUR)
-    elif vtype == gguf.GGUFValueType.ARRAY:
-        item = gguf.GGUFValueType(struct.unpack("<I", f.read(4))[0])
-        (count,) = struct.unpack("<Q", f.read(8))
-        if item in _SCALAR_SIZE:
-            f.seek(count * _SCALAR_SIZE[item], os.SEEK_CUR)
-        else:
-            for _ in range(count):
-                _skip_value(f, item)
-    else:
-        f.seek(_SCALAR_SIZE[vtype], os.SEEK_CUR)
-
-
-# ---- llama.cpp's log: kept so a failed load can say why ----
-
-_log_tail: deque[str] = deque(maxlen=60)
-_log_shown = [False]  # whether the line a GGML_LOG_LEVEL_CONT continues went to stderr
-_backend_ready = [False]
-
-
-@llama_cpp.llama_log_callback
-def _on_log(level: int, text: bytes, _user) -> None:
-    line = text.decode("utf-8", "replace")
-    _log_tail.append(line)
-    if level != 5:  # 5: continues the previous line
-        _log_shown[0] = level >= 3  # GGML_LOG_LEVEL_WARN and _ERROR go to the worker's log
-    if _log_shown[0]:
-        sys.stderr.write(line)
-
-
-def _init_library() -> None:
-    """Once: llama.cpp's backends. Every time: our log callback, which llama-cpp-python's own logger
-    (or anyone else's) may have replaced since."""
-    if not _backend_ready[0]:
-        llama_cpp.llama_backend_init()
-        _backend_ready[0] = True
-    llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
-
-
-def _last_error() -> str:
-    lines = [s.strip() for s in _log_tail if s.strip()]
-    bad = [s for s in lines if any(w in s.lower() for w in ("error", "failed", "invalid", "unknown", "not found"))]
-    return "; ".join((bad or lines)[-2:]) or "no reason given"
-
-
-# ---- llama.cpp objects ----
-
-class GGUFModel:
-    """A loaded llama_model and its vocabulary."""
-
-    def __init__(self, path: Path, gpu_layers: int, load_mtp: bool, progress: Callable[[float], None]):
-        _init_library()
-
-        def on_progress(fraction: float, _user) -> bool:
-            try:
-                progress(fraction)
-            except Exception:  # noqa: BLE001 - an exception here would read as "abort the load"
-                pass
-            return True
-
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = gpu_layers
-        params.load_mtp = load_mtp
-        callback = llama_cpp.llama_progress_callback(on_progress)  # alive for the whole call
-        params.progress_callback = callback
-        _log_tail.clear()
-        self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        if not self.ptr:
-            raise BackendError("load_failed", f"llama.cpp could not load {path.name}: {_last_error()}")
-        self.path = path
-        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_embd = llama_cpp.llama_model_n_embd(self.ptr)
-        self._piece = ctypes.create_string_buffer(256)
-
-    def meta(self, key: str) -> str | None:
-        size = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), None, 0)
-        if size < 0:
-            return None
-        buf = ctypes.create_string_buffer(size + 1)
-        llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, size + 1)
-        return buf.value.decode("utf-8", "replace")
-
-    def token_text(self, token: int) -> bytes:
-        return llama_cpp.llama_vocab_get_text(self.vocab, token) or b""
-
-    def piece(self, token: int) -> bytes:
-        """The bytes a generated token stands for; control tokens (special=False) stand for nothing."""
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
-        if n < 0:
-            self._piece = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
-        return self._piece.raw[:n]
-
-    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        room = len(data) + 8
-        ids = (llama_cpp.llama_token * room)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), ids, room, add_special, parse_special)
-        if n < 0:  # never for byte-level vocabularies (one token per byte at most), but be exact
-            room = -n
-            ids = (llama_cpp.llama_token * room)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), ids, room, add_special, parse_special)
-        return list(ids[:n])
-
-    def end_of_generation_ids(self) -> frozenset[int]:
-        return frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
-
-    def free(self) -> None:
-        if self.ptr:
-            llama_cpp.llama_model_free(self.ptr)
-            self.ptr = None
-
-
-class Context:
-    """A llama_context on sequence 0. `tokens` is what its KV cache holds, at positions 0..len-1.
-
-    mtp: a context of llama.cpp's MTP graph (ctx_type MTP) over the model's first nextn layer. Its rows
-    carry a token and a hidden state (`states`); it outputs its own hidden state with the logits."""
-
-    def __init__(self, model: GGUFModel, n_ctx: int, threads: tuple[int, int], gpu: bool, mtp: bool = False):
-        _init_library()
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = BATCH
-        params.n_threads, params.n_threads_batch = threads
-        # Flash attention computes in F16 on the CPU (gguf_trial.md): no faster there, only less exact.
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu
-                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        if mtp:
-            params.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
-        self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
-        if not self.ptr:
-            raise BackendError("load_failed", f"llama.cpp could not make a context for {model.path.name}: "
-                                              f"{_last_error()}")
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
-        self.n_vocab, self.n_embd = model.n_vocab, model.n_embd
-        self.memory = llama_cpp.llama_get_memory(self.ptr)
-        self.tokens: list[int] = []
-        self.states: dict[int, np.ndarray] | None = None  # the hidden state per position, while kept
-        self.batch = llama_cpp.llama_batch_init(BATCH, self.n_embd if mtp else 0, 1)
-        self.embd = None
-        if mtp:  # an embedding batch has no token array of its own; MTP rows need both
-            self.token_ids = (llama_cpp.llama_token * BATCH)()
-            self.batch.token = self.token_ids
-            self.embd = np.ctypeslib.as_array(self.batch.embd, shape=(BATCH, self.n_embd))
-            nextn.llama_set_embeddings_nextn(self.ptr, True, True)
-
-    def keep_states(self, on: bool) -> None:
-        """Record the hidden state of every token fed (the target's, for an MTP drafter), or stop."""
-        nextn.llama_set_embeddings_nextn(self.ptr, on, False)
-        self.states = {} if on else None
-
-    def common_prefix(self, tokens: list[int]) -> int:
-        n, limit = 0, min(len(self.tokens), len(tokens))
-        while n < limit and self.tokens[n] == tokens[n]:
-            n += 1
-        return n
-
-    def rewind(self, n: int) -> None:
-        """Keep the first n tokens of the cache."""
-        if n < len(self.tokens):
-            if not llama_cpp.llama_memory_seq_rm(self.memory, 0, n, -1):
-                raise RuntimeError("this model's cache cannot be rolled back (a recurrent architecture?)")
-            del self.tokens[n:]
-        if self.states:
-            for pos in [p for p in self.states if p >= n]:
-                del self.states[pos]
-
-    def extend(self, tokens: list[int], all_logits: bool = False, should_stop: Callable[[], bool] | None = None,
-               states: np.ndarray | None = None) -> bool:
-        """Feed tokens (and, in an MTP context, their states [n, H]) after the cached ones; logits for
-        every one (all_logits) or the last. False if stopped between chunks (the cache then holds the
-        chunks fed so far)."""
-        for start in range(0, len(tokens), BATCH):
-            if start and should_stop and should_stop():
-                return False
-            chunk = tokens[start:start + BATCH]
-            last = start + len(chunk) == len(tokens)
-            self._decode(chunk, lambda i: all_logits or (last and i == len(chunk) - 1),
-                         None if states is None else states[start:start + len(chunk)])
-        return True
-
-    def _decode(self, chunk: list[int], wants_logits: Callable[[int], bool], states: np.ndarray | None) -> None:
-        b, pos = self.batch, len(self.tokens)
-        if pos + len(chunk) > self.n_ctx:
-            raise BackendError("bad_request", f"the context of {self.n_ctx} tokens is full")
-        b.n_tokens = len(chunk)
-        for i, t in enumerate(chunk):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos + i, 1, wants_logits(i)
-            b.seq_id[i][0] = 0
-        if states is not None:
-            self.embd[:len(chunk)] = states
-        rc = llama_cpp.llama_decode(self.ptr, b)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode failed ({rc}): {_last_error()}")
-        self.tokens += chunk
-        if self.states is not None:
-            rows = np.ctypeslib.as_array(nextn.llama_get_embeddings_nextn(self.ptr), shape=(len(chunk), self.n_embd))
-            self.states.update((pos + i, row.copy()) for i, row in enumerate(rows))
-
-    def logits(self, i: int = -1) -> torch.Tensor:
-        """[V] logits of row i of the last decode (batch index; -1 the last row that has them)."""
-        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
-        if not ptr:
-            raise RuntimeError(f"no logits for row {i}")
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
-
-    def output_state(self) -> np.ndarray:
-        """[H] the hidden state an MTP context computed for the last row of its last decode."""
-        ptr = nextn.llama_get_embeddings_nextn_ith(self.ptr, self.batch.n_tokens - 1)
-        if not ptr:
-            raise RuntimeError("no hidden state for the last row")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).copy()
-
-    def free(self) -> None:
-        if self.ptr:
-            if self.embd is not None:
-                self.batch.token = ctypes.POINTER(llama_cpp.llama_token)()  # ours, not llama_batch_free's
-            llama_cpp.llama_batch_free(self.batch)
-            llama_cpp.llama_free(self.ptr)
-            self.ptr = None
 
 
 # ---- text ----
@@ -346,32 +59,28 @@ class GGUFText:
 
     def __init__(self, model: GGUFModel):
         self.tok = model
-        self.specials: dict[str, int] = {}
-        for tid in (llama_cpp.llama_vocab_bos(model.vocab), llama_cpp.llama_vocab_eos(model.vocab)):
+        self.specials: dict[str, str] = {}  # "bos_token" / "eos_token" → its text, for the template
+        self.ids: dict[str, int] = {}
+        for key, tid in (("bos_token", llama_cpp.llama_vocab_bos(model.vocab)),
+                         ("eos_token", llama_cpp.llama_vocab_eos(model.vocab))):
             if tid >= 0:
-                self.specials[model.token_text(tid).decode("utf-8", "replace")] = tid
+                self.specials[key] = model.token_text(tid).decode("utf-8", "replace")
+                self.ids[self.specials[key]] = tid
 
     def decode_stream(self) -> PieceStream:
         return PieceStream()
 
     def token_to_id(self, text: str) -> int | None:
-        return self.specials.get(text)
+        return self.ids.get(text)
 
 
 def chat_renderer(model: GGUFModel, text: GGUFText) -> Tokenizer | None:
     """The GGUF's tokenizer.chat_template in our sandboxed Jinja environment (engine/tokenizer.py)."""
     template = llama_cpp.llama_model_chat_template(model.ptr, None)
-    if not template:
-        return None
-    vocab = model.vocab
-    config = {}
-    for key, tid in (("bos_token", llama_cpp.llama_vocab_bos(vocab)), ("eos_token", llama_cpp.llama_vocab_eos(vocab))):
-        if tid >= 0:
-            config[key] = model.token_text(tid).decode("utf-8", "replace")
-    return Tokenizer(text, config, template.decode("utf-8", "replace"))
+    return Tokenizer(text, dict(text.specials), template.decode("utf-8", "replace")) if template else None
 
 
-# ---- drafters: propose k tokens after `tokens`; the target verifies them ----
+# ---- drafters ----
 
 def propose(logits: torch.Tensor, picker: TokenPicker, drafts: list, qs: list) -> None:
     """One draft token from a drafter's logits: its argmax when greedy, else a sample from its
@@ -385,7 +94,22 @@ def propose(logits: torch.Tensor, picker: TokenPicker, drafts: list, qs: list) -
         qs.append(q)
 
 
-class LookupDrafter:
+class Drafter:
+    """Proposes k tokens after the committed ones; the target verifies them (see `decode`)."""
+
+    def begin(self, ids: list[int]) -> int:
+        """A request starts: how much of the target's cached prefix it may keep."""
+        return len(ids)
+
+    def end(self) -> None:
+        """The request is over."""
+
+    def draft(self, tokens: list[int], k: int, picker: TokenPicker) -> tuple[list[int], list]:
+        """→ (drafts, their distributions q: None when greedy)."""
+        raise NotImplementedError
+
+
+class LookupDrafter(Drafter):
     """Prompt lookup decoding: find the latest earlier occurrence of the text's last n tokens
     (n = NGRAM..1) and propose what followed it. The draft is deterministic, so its q is a point mass:
     speculative sampling then keeps a draft d with probability p(d) and otherwise samples from p
@@ -393,13 +117,6 @@ class LookupDrafter:
 
     def __init__(self, n_vocab: int):
         self.n_vocab = n_vocab
-
-    def begin(self, ids: list[int]) -> int:
-        """A request starts: how much of the target's cached prefix it may keep."""
-        return len(ids)
-
-    def end(self) -> None:
-        pass
 
     def draft(self, tokens: list[int], k: int, picker: TokenPicker) -> tuple[list[int], list]:
         seq = np.asarray(tokens)
@@ -416,17 +133,11 @@ class LookupDrafter:
         return drafts, [torch.nn.functional.one_hot(torch.tensor(d), self.n_vocab).float() for d in drafts]
 
 
-class ModelDrafter:
+class ModelDrafter(Drafter):
     """A second GGUF with the same vocabulary drafts autoregressively in its own context."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
-
-    def begin(self, ids: list[int]) -> int:
-        return len(ids)
-
-    def end(self) -> None:
-        pass
 
     def draft(self, tokens: list[int], k: int, picker: TokenPicker) -> tuple[list[int], list]:
         ctx = self.ctx
@@ -440,7 +151,7 @@ class ModelDrafter:
         return drafts, qs
 
 
-class MTPDrafter:
+class MTPDrafter(Drafter):
     """The model's own MTP layer, run by llama.cpp's MTP graph in a context of its own.
 
     Its entry at position p is token p with the target's hidden state at p-1 and predicts token p+1;
@@ -506,15 +217,16 @@ def prefill(ctx: Context, ids: list[int], keep: int, should_stop: Callable[[], b
 
 
 def decode(ctx: Context, tokens: list[int], picker: TokenPicker, emitter: Emitter,
-           should_stop: Callable[[], bool], drafter=None, control: DraftLength | None = None) -> dict:
+           should_stop: Callable[[], bool], drafter: Drafter | None = None,
+           control: DraftLength | None = None) -> dict:
     """Generate after `tokens` (the prompt and the first token, which the cache has not seen yet).
 
     Each step feeds the newest token and any drafts in one llama_decode, verifies the drafts against
     those logits (engine/speculative.verify: greedy keeps a draft while it equals the argmax, sampling
     uses the min(1, p/q) test with the residual), rolls the cache back past the first rejected draft and
     commits the kept drafts plus the target's own next token. Without a drafter every step is plain.
-    llama.cpp computes a k+1-token batch with the same kernels per row, so greedy speculative output
-    equals plain output, up to float differences that only an exact logit tie could expose."""
+    Greedy speculative output is plain output: a k+1-token batch rounds like single steps in Q8_0 and
+    within ~1e-6 in F32 (llama.cpp picks kernels by batch size), which only a logit tie could expose."""
     stats = SpecStats()
     done = False
     while not done:
@@ -571,12 +283,11 @@ class LlamaCppBackend(Backend):
     def __init__(self):
         self.model: GGUFModel | None = None
         self.ctx: Context | None = None
-        self.mtp_ctx: Context | None = None
+        self.mtp_drafter: MTPDrafter | None = None
         self.draft_model: GGUFModel | None = None
         self.draft_ctx: Context | None = None
         self.arch = ""
         self.gpu = False
-        self.mtp_error: str | None = None
         self.controls: dict[tuple, DraftLength] = {}
 
     # ---- loading ----
@@ -600,7 +311,6 @@ class LlamaCppBackend(Backend):
                                lambda f: progress("loading", f * share))
         n_ctx = min(llama_cpp.llama_model_n_ctx_train(self.model.ptr) or MAX_CONTEXT, MAX_CONTEXT)
         self.ctx = Context(self.model, n_ctx, cpu_threads(), self.gpu)
-        self.mtp_ctx, self.mtp_error = self.mtp_context()
         if draft_path:
             self.load_draft(draft_path, lambda f: progress("loading draft", share + (1 - share) * f))
         self.text = GGUFText(self.model)
@@ -609,19 +319,27 @@ class LlamaCppBackend(Backend):
         progress("ready", 1.0)
         return self.info()
 
-    def mtp_context(self) -> tuple[Context | None, str | None]:
-        """The MTP graph's context, or why there is none (reported when mode "mtp" is asked for)."""
+    def mtp_unavailable(self) -> str | None:
+        """Why speculative mode "mtp" cannot run on this model, or None."""
         if nextn is None:
-            return None, "this llama-cpp-python build does not bind llama.cpp's MTP calls"
+            return "this llama-cpp-python build does not bind llama.cpp's MTP calls"
         layers = llama_cpp.llama_model_n_layer_nextn(self.model.ptr)
         if not layers:
-            return None, "this GGUF has no MTP (nextn) layers; use speculative mode \"lookup\" or \"draft\""
-        if layers != 1:  # deepseek2's MTP graph asserts one block: making the context would abort the worker
-            return None, f"llama.cpp runs MTP with exactly one nextn layer; this GGUF has {layers}"
-        try:
-            return Context(self.model, self.ctx.n_ctx, cpu_threads(), self.gpu, mtp=True), None
-        except BackendError as e:
-            return None, f"llama.cpp has no MTP graph for {self.arch} here ({e.message})"
+            return "this GGUF has no MTP (nextn) layers; use speculative mode \"lookup\" or \"draft\""
+        if layers != 1:  # deepseek2's MTP graph asserts one block: its context would abort the worker
+            return f"llama.cpp runs MTP with exactly one nextn layer; this GGUF has {layers}"
+        return None
+
+    def mtp(self) -> MTPDrafter:
+        """The MTP drafter, its context made on first use (its KV cache costs memory only when used),
+        then kept: its cache carries over to the next request like the target's."""
+        if self.mtp_drafter is None:
+            why = self.mtp_unavailable()
+            if why:
+                raise BackendError("unsupported", why)
+            ctx = Context(self.model, self.ctx.n_ctx, cpu_threads(), self.gpu, mtp=True)
+            self.mtp_drafter = MTPDrafter(ctx, self.ctx)
+        return self.mtp_drafter
 
     def load_draft(self, path: Path, progress: Callable[[float], None]) -> None:
         self.draft_model = GGUFModel(path, -1 if self.gpu else 0, False, progress)
@@ -637,7 +355,7 @@ class LlamaCppBackend(Backend):
         m = self.model
         experts = m.meta(f"{self.arch}.expert_count")
         used = m.meta(f"{self.arch}.expert_used_count")
-        modes = ["off", "lookup"] + (["draft"] if self.draft_ctx else []) + (["mtp"] if self.mtp_ctx else [])
+        modes = ["off", "lookup"] + (["draft"] if self.draft_ctx else []) + ([] if self.mtp_unavailable() else ["mtp"])
         return {
             "name": m.path.name, "path": str(m.path), "backend": self.name, "architecture": self.arch,
             "model_type": self.arch, "description": m.meta("general.name"),
@@ -679,10 +397,8 @@ class LlamaCppBackend(Backend):
                 raise BackendError("unsupported", "speculative mode \"draft\" needs a draft model: load one "
                                                   "with the model (Load.draft)")
             drafter = ModelDrafter(self.draft_ctx)
-        elif self.mtp_ctx is None:
-            raise BackendError("unsupported", self.mtp_error)
         else:
-            drafter = self.mtp_drafter = getattr(self, "mtp_drafter", None) or MTPDrafter(self.mtp_ctx, self.ctx)
+            drafter = self.mtp()
         # One controller per mode and k, kept across requests: what it measured still holds.
         control = self.controls.setdefault((mode, k), DraftLength(SpeculativeConfig(k=k)))
         return drafter, control
@@ -742,9 +458,9 @@ class LlamaCppBackend(Backend):
 
     def unload(self) -> None:
         # contexts before their models: a context refers to its model
-        for obj in (self.draft_ctx, self.mtp_ctx, self.ctx, self.draft_model, self.model):
+        mtp_ctx = self.mtp_drafter.ctx if self.mtp_drafter else None
+        for obj in (self.draft_ctx, mtp_ctx, self.ctx, self.draft_model, self.model):
             if obj is not None:
                 obj.free()
-        self.model = self.ctx = self.mtp_ctx = self.draft_model = self.draft_ctx = None
-        self.mtp_drafter = None
+        self.model = self.ctx = self.draft_model = self.draft_ctx = self.mtp_drafter = None
         self.controls.clear()
