@@ -18,12 +18,27 @@ from engine.tiny import write_tiny_model
 
 
 def exported_tiny(tmp_dir: str | Path, ftype: str = "f32", seed: int = 0, std: float = 0.1, mtp: bool = True,
-                  **overrides) -> tuple[Path, Path]:
+                  bias_std: float = 0.1, **overrides) -> tuple[Path, Path]:
     """A random tiny DeepSeek-V3 folder (engine.tiny.write_tiny_model; overrides: config fields) and its GGUF
-    export, both under tmp_dir → (model folder, .gguf path)."""
+    export, both under tmp_dir → (model folder, .gguf path). The routers' score-correction bias is random
+    too (bias_std), so that llama.cpp's exp_probs_b is exercised: write_tiny_model leaves it zero."""
     tmp_dir = Path(tmp_dir)
     model_dir = write_tiny_model(tmp_dir / f"tiny-{seed}", seed=seed, std=std, **overrides)
+    if bias_std:
+        randomize_router_bias(model_dir, seed, bias_std)
     return model_dir, export_gguf(model_dir, tmp_dir / f"tiny-{seed}-{ftype}.gguf", ftype, mtp=mtp)
+
+
+def randomize_router_bias(model_dir: Path, seed: int, std: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    state = load_file(path)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, t in state.items():
+        if name.endswith("e_score_correction_bias"):
+            state[name] = torch.randn(t.shape, generator=g) * std
+    save_file(state, path, metadata={"format": "pt"})
 
 
 def open_llama(path: str | Path, n_ctx: int = 256, exact: bool = True, **kwargs):

@@ -66,6 +66,9 @@ def check_supported(cfg: ModelConfig, source: str) -> None:
     rope = cfg.rope
     if rope.is_yarn and not rope.truncate:
         raise ExportError(f"{source}: YaRN with truncate=false; llama.cpp always rounds the ramp bounds")
+    if rope.is_yarn and (rope.beta_fast, rope.beta_slow) != (32.0, 1.0):
+        raise ExportError(f"{source}: YaRN beta_fast/beta_slow {rope.beta_fast}/{rope.beta_slow}; llama.cpp takes "
+                          "them from its context settings (32/1 by default), not from the GGUF")
     if rope.is_yarn and abs(rope.cos_sin_scale() - 1.0) > 1e-6:
         raise ExportError(f"{source}: YaRN with mscale != mscale_all_dim (or an attention_factor) scales cos/sin "
                           f"by {rope.cos_sin_scale():.4f}; llama.cpp's deepseek2 keeps them unscaled")
