@@ -173,7 +173,7 @@ def test_stop_strings_end_the_reply(backend):
 def test_cancel_stops_between_steps(backend):
     for mode in ("off", "draft"):
         tokens: list[Token] = []
-        done = backend.generate(chat(max_tokens=200, mode=mode), tokens.append, lambda: len(tokens) >= 5)
+        done = backend.generate(chat(max_tokens=200, mode=mode), tokens.append, lambda t=tokens: len(t) >= 5)
         assert done.finish_reason == "cancelled" and 5 <= len(tokens) < 20, mode
     done, _ = run(backend, chat(max_tokens=200), cancelled=lambda: True)  # stops before the first decode step
     assert done.finish_reason == "cancelled" and done.stats["generated_tokens"] == 1
