@@ -467,9 +467,8 @@ def describe_gguf(path: str | Path) -> dict:
 @contextmanager
 def llama_log() -> Iterator[list[str]]:
     """Collect llama.cpp's log lines instead of printing them (llama-cpp-python hides its stderr on a
-    quiet load, and with it the reason a load failed); its own logger is put back afterwards."""
+    quiet load, and with it the reason a load failed); whatever callback was set is put back after."""
     import llama_cpp
-    from llama_cpp import _logger
 
     lines: list[str] = []
 
@@ -477,11 +476,13 @@ def llama_log() -> Iterator[list[str]]:
     def collect(level, text, user_data):
         lines.append(text.decode("utf-8", errors="replace"))
 
+    previous, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(user_data))
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
         yield lines
     finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_log_set(previous, user_data)
 
 
 def log_tail(lines: list[str], n: int = 8) -> str:
