@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,10 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="decode speed with speculation off and on, interleaved, medians")
     _add_model_args(b)
+    b.add_argument("--gguf", default=None,
+                   help="a .gguf run by llama.cpp beside --model (its export): both engines on the same prompt ids")
+    b.add_argument("--draft", default=None, help="a draft .gguf for the llama.cpp variant's speculative mode 'draft'")
     b.add_argument("--prompts", default=None, help="a .json list or a text file with one prompt per line")
     b.add_argument("--max-tokens", type=int, default=128)
-    b.add_argument("--speculative", default="off,mtp", help="comma-separated modes: off,mtp")
-    b.add_argument("--k", default="1,2,3,4,auto", help="comma-separated draft lengths for mtp")
+    b.add_argument("--speculative", default=None,
+                   help="comma-separated modes: off,mtp,lookup,draft (default: every mode each model offers)")
+    b.add_argument("--k", default="1,2,3,4,auto", help="comma-separated draft lengths")
     b.add_argument("--repeat", type=int, default=3)
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--json", dest="json_out", default=None, help="write the full results to this file")
@@ -209,10 +214,44 @@ def cmd_bench(args) -> int:
     import torch
 
     from engine.bench import configurations, environment, format_table, load_prompts, run_bench
-    from engine.pretrained import load_pretrained
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    gguf = args.gguf or (args.model if str(args.model or "").lower().endswith(".gguf") else None)
+    models = {} if gguf == args.model else _bench_native_models(args)
+    if gguf:  # the same threads as torch, so the engines are compared on equal footing
+        os.environ.setdefault("MOEDESK_LLAMA_THREADS", str(args.threads or torch.get_num_threads()))
+        models["llama.cpp"] = _bench_llama(gguf, args.draft)
+    elif args.draft:
+        raise ValueError("--draft drafts for a .gguf model: give --gguf FILE (or --model FILE.gguf)")
+    wanted = [m.strip() for m in args.speculative.split(",") if m.strip()] if args.speculative else None
+    modes = {name: _bench_modes(name, m, wanted) for name, m in models.items()}
+    variants = list(models) if len(models) > 1 else [""]
+    ks = [k.strip() for k in args.k.split(",") if k.strip()]
+    configs = configurations(modes if len(models) > 1 else next(iter(modes.values())), ks, variants)
+
+    def progress(done, total):
+        print(f"\r{done}/{total} runs", end="", file=sys.stderr, flush=True)
+
+    result = run_bench(models if len(models) > 1 else next(iter(models.values())), load_prompts(args.prompts),
+                       configs, args.max_tokens, args.repeat, progress, online_balance=args.online_balance)
+    print(file=sys.stderr)
+    native = [m for m in models.values() if hasattr(m, "model")]
+    result["environment"] = environment(native[0]) if native else {"model": gguf}
+    result["environment"].update(threads=torch.get_num_threads(),
+                                 llama_threads=os.environ.get("MOEDESK_LLAMA_THREADS") if gguf else None)
+    result["settings"] = {"max_tokens": args.max_tokens, "repeat": args.repeat, "temperature": 0,
+                          "online_balance": args.online_balance}
+    print(format_table(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _bench_native_models(args) -> dict:
+    """--quant variants of --model: {name: Pretrained}; one variant is named "native" beside a GGUF."""
+    from engine.pretrained import load_pretrained
+
     names = [v.strip() for v in args.quant.split(",") if v.strip()] or ["none"]
     models = {}
     for name in names:  # a dtype name is the unquantized model in that dtype
@@ -220,26 +259,34 @@ def cmd_bench(args) -> int:
         spec = None if dtype is not args.dtype else quant_spec(args, name)
         pre = load_pretrained(args.model, device=args.device, dtype=dtype, quant=spec)
         models[name if spec else str(pre.model.norm.weight.dtype).removeprefix("torch.")] = pre
-    modes = [m.strip() for m in args.speculative.split(",") if m.strip()]
-    if "mtp" in modes and not pre.model.mtp:
-        raise ValueError("this model has no MTP modules; run with --speculative off")
-    variants = list(models) if len(models) > 1 else [""]
-    configs = configurations(modes, [k.strip() for k in args.k.split(",") if k.strip()], variants)
-    models = models if len(models) > 1 else pre
+    return {"native": pre} if len(models) == 1 and args.gguf else models
 
-    def progress(done, total):
-        print(f"\r{done}/{total} runs", end="", file=sys.stderr, flush=True)
 
-    result = run_bench(models, load_prompts(args.prompts), configs, args.max_tokens, args.repeat, progress,
-                       online_balance=args.online_balance)
-    print(file=sys.stderr)
-    result["environment"] = environment(pre)
-    result["settings"] = {"max_tokens": args.max_tokens, "repeat": args.repeat, "temperature": 0,
-                          "online_balance": args.online_balance}
-    print(format_table(result))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
-    return 0
+def _bench_llama(path: str, draft: str | None):
+    from engine.backends.base import BackendError
+    from engine.backends.llamacpp import LlamaCppBackend
+    from engine.bench import LlamaRunner
+    from engine.protocol import Load
+
+    backend = LlamaCppBackend()
+    try:
+        backend.load(Load(path=path, backend="llamacpp", draft=draft), lambda stage, fraction: None)
+    except BackendError as e:
+        raise ValueError(e.message) from e
+    return LlamaRunner(backend)
+
+
+def _bench_modes(name: str, model, wanted: list[str] | None) -> list[str]:
+    """The speculative modes to time for one variant: those asked for that it offers."""
+    offered = model.backend.info()["speculative_modes"] if not hasattr(model, "model") else \
+        (["off", "mtp"] if model.model.mtp else ["off"])
+    if wanted is None:
+        return offered
+    chosen = [m for m in wanted if m in offered]
+    if set(wanted) - {"off"} and not set(chosen) - {"off"}:
+        raise ValueError(f"{name or 'the model'} offers speculative modes {', '.join(offered)}; "
+                         f"asked for {', '.join(wanted)}")
+    return chosen
 
 
 def quant_spec(args, name: str):

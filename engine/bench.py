@@ -2,6 +2,10 @@
 
 Speedups are ratios taken in the same run: each speculative run is divided by the plain run of the same
 prompt in the same round. Medians throughout, because these machines are noisy.
+
+What runs is a *variant*: a native model (one per quantization, say) or a GGUF file run by llama.cpp
+(engine/backends/llamacpp.py). Variants see the same prompt token ids, so a native model and its GGUF
+export are compared on identical work, and their greedy outputs can be compared token for token.
 """
 from __future__ import annotations
 
@@ -30,19 +34,67 @@ BUILTIN_PROMPTS = [
 @dataclass
 class BenchConfig:
     name: str
-    speculative: SpeculativeConfig | None
+    mode: str = "off"  # "off" | "mtp" | "lookup" | "draft" (the last two: llama.cpp variants)
+    k: int | str = "auto"
     variant: str = ""  # which loaded model (e.g. its quantization); "" when the run has one
 
 
 def configurations(modes: list[str], ks: list[str], variants: list[str] = ("",)) -> list[BenchConfig]:
+    """Plain decoding, then each speculative mode at each k, for every variant. `modes` may be a list
+    (every variant) or a dict variant → its modes."""
     out = []
     for v in variants:
         prefix = f"{v} " if v else ""
-        out.append(BenchConfig(f"{prefix}off", None, v))
-        if "mtp" in modes:
-            out += [BenchConfig(f"{prefix}mtp k={k}", SpeculativeConfig(k=k if k == "auto" else int(k)), v)
-                    for k in ks]
+        out.append(BenchConfig(f"{prefix}off", variant=v))
+        for mode in (modes.get(v, []) if isinstance(modes, dict) else modes):
+            if mode != "off":
+                out += [BenchConfig(f"{prefix}{mode} k={k}", mode, k if k == "auto" else int(k), v) for k in ks]
     return out
+
+
+class NativeRunner:
+    """A native model as a bench variant."""
+
+    def __init__(self, pre: Pretrained, online_balance: float | None = None):
+        self.pre, self.online_balance = pre, online_balance
+
+    def encode(self, prompt: dict) -> list[int]:
+        return prompt_ids(self.pre, prompt)
+
+    def __call__(self, ids: list[int], params: SamplingParams, cfg: BenchConfig):
+        spec = SpeculativeConfig(k=cfg.k) if cfg.mode == "mtp" else None
+        if cfg.mode not in ("off", "mtp"):
+            raise ValueError(f"speculative mode {cfg.mode!r} is llama.cpp's; native models have off and mtp")
+        return generate(self.pre.model, ids, params, eos_ids=self.pre.eos_ids, speculative=spec,
+                        online_balance=self.online_balance)
+
+    def describe(self) -> dict:
+        return {"engine": "native", "quantization": _quantization(self.pre.model), **weight_bytes(self.pre.model)}
+
+
+class LlamaRunner:
+    """A GGUF file run by llama.cpp (a loaded LlamaCppBackend) as a bench variant. It prefills the
+    whole prompt every run (the backend otherwise reuses a cached prefix between requests)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def encode(self, prompt: dict) -> list[int]:
+        from engine.protocol import ChatMessage, Generate
+
+        if "ids" in prompt:
+            return list(prompt["ids"])
+        if "chat" in prompt and self.backend.chat is not None:
+            return self.backend.prompt_ids(Generate(id="bench", messages=[ChatMessage("user", prompt["chat"])]))
+        return self.backend.model.tokenize(prompt.get("prompt", prompt.get("chat", "")), True, False)
+
+    def __call__(self, ids: list[int], params: SamplingParams, cfg: BenchConfig):
+        return self.backend.generate_ids(ids, params, cfg.mode, cfg.k, reuse_prefix=False)
+
+    def describe(self) -> dict:
+        info = self.backend.info()
+        return {"engine": "llama.cpp", "quantization": info["quantization"], "model_bytes": info["weight_bytes"],
+                "threads": info["threads"], "draft": info["draft"]}
 
 
 def load_prompts(path: str | None) -> list[dict]:
@@ -66,35 +118,61 @@ def prompt_ids(pre: Pretrained, prompt: dict) -> list[int]:
     return pre.encode_prompt(prompt=prompt.get("prompt", prompt.get("chat", "")))
 
 
-def run_bench(models: Pretrained | dict[str, Pretrained], prompts: list[dict], configs: list[BenchConfig],
-              max_tokens: int = 128, repeat: int = 3, progress=None, online_balance: float | None = None) -> dict:
-    """models: one model, or variants of one model by name (BenchConfig.variant), all timed in one run.
-    online_balance: γ of online bias balancing in every run (engine.generate); it can change the output, so
-    `identical_to_off` may turn false, and on CUDA it decodes without graphs."""
+def run_bench(models, prompts: list[dict], configs: list[BenchConfig], max_tokens: int = 128, repeat: int = 3,
+              progress=None, online_balance: float | None = None) -> dict:
+    """models: one model, or variants by name (BenchConfig.variant), all timed in one run: each a
+    Pretrained (a native model) or a runner (NativeRunner, LlamaRunner). The prompts are encoded once,
+    by the first variant. online_balance: γ of online bias balancing in every native run
+    (engine.generate); it can change the output, so `identical_to_off` may turn false, and on CUDA it
+    decodes without graphs."""
     models = models if isinstance(models, dict) else {"": models}
+    runners = {n: m if callable(m) else NativeRunner(m, online_balance) for n, m in models.items()}
     params = SamplingParams(max_tokens=max_tokens)  # greedy: outputs must be identical across configs
-    first = next(iter(models.values()))
-    encoded = [(p["name"], prompt_ids(first, p)) for p in prompts]
+    encoded = [(p["name"], next(iter(runners.values())).encode(p)) for p in prompts]
     for cfg in configs:  # warm-up, untimed: allocations, and the draft-length controller's first probes
-        generate(models[cfg.variant].model, encoded[0][1], params, speculative=cfg.speculative,
-                 online_balance=online_balance)
+        runners[cfg.variant](encoded[0][1], params, cfg)
     runs = []
     for r in range(repeat):
         for name, ids in encoded:
             order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate to spread drift
             for cfg in order:
-                pre = models[cfg.variant]
-                res = generate(pre.model, ids, params, eos_ids=pre.eos_ids, speculative=cfg.speculative,
-                               online_balance=online_balance)
+                res = runners[cfg.variant](ids, params, cfg)
                 runs.append({"round": r, "prompt": name, "config": cfg.name, "variant": cfg.variant,
                              "token_ids": res.token_ids, "stats": res.stats})
                 if progress:
                     progress(len(runs), repeat * len(encoded) * len(configs))
     result = summarize(runs, configs, encoded)
-    for name, pre in models.items():
-        result.setdefault("variants", {})[name] = {"quantization": _quantization(pre.model),
-                                                   **weight_bytes(pre.model)}
+    result["variants"] = {name: runner.describe() for name, runner in runners.items()}
+    if len(runners) > 1:
+        result["engines"] = compare_variants(result, configs)
     return result
+
+
+def compare_variants(result: dict, configs: list[BenchConfig]) -> dict:
+    """Each variant's plain decoding and its best speculation (highest median decode tokens/s),
+    relative to the first variant: the side-by-side figures of `engine bench --gguf`."""
+    out = {}
+    for v in dict.fromkeys(c.variant for c in configs):
+        mine = [c for c in configs if c.variant == v]
+        off = result["configs"][mine[0].name]
+        best = max(mine, key=lambda c: result["configs"][c.name]["median_decode_tokens_per_s"])
+        b = result["configs"][best.name]
+        out[v] = {"off_tokens_per_s": off["median_decode_tokens_per_s"],
+                  "off_vs_first": off["speedup_vs_first_variant_off"],
+                  "best": best.name, "best_tokens_per_s": b["median_decode_tokens_per_s"],
+                  "best_speedup_vs_own_off": b["speedup"], "best_vs_first_off": b["speedup_vs_first_variant_off"],
+                  "greedy_ids_equal_first_off": _same_ids(result["runs"], mine[0].name, configs[0].name)}
+    first = next(iter(out.values()))
+    for e in out.values():
+        e["best_vs_first_best"] = e["best_tokens_per_s"] / first["best_tokens_per_s"] \
+            if first["best_tokens_per_s"] else None
+    return out
+
+
+def _same_ids(runs: list[dict], a: str, b: str) -> bool:
+    """Whether config a produced the same token ids as config b on every prompt and round."""
+    ids = {(x["config"], x["round"], x["prompt"]): x["token_ids"] for x in runs}
+    return all(ids[(a, r, p)] == ids[(b, r, p)] for (c, r, p) in ids if c == a)
 
 
 def _quantization(model) -> str | None:
@@ -130,7 +208,7 @@ def summarize(runs: list[dict], configs: list[BenchConfig], encoded) -> dict:
             "median_time_to_first_token_s": statistics.median(x["stats"]["time_to_first_token_s"] or 0 for x in mine),
             "generated_tokens": sum(x["stats"]["generated_tokens"] for x in mine),
         }
-        if cfg.speculative is not None:
+        if cfg.mode != "off":
             steps = sum(x["stats"]["verify_steps"] for x in mine)
             acc = sum(x["stats"]["draft_tokens_accepted"] for x in mine)
             prop = sum(x["stats"]["draft_tokens_proposed"] for x in mine)
@@ -179,9 +257,17 @@ def format_table(result: dict) -> str:
     variants = result.get("variants", {})
     if len(variants) > 1:
         lines.append("")
+        first = next(iter(variants))
         for name, v in variants.items():
             off = result["configs"][f"{name} off"]
-            lines.append(f"{name:<10} weights {v['model_bytes'] / 2**20:8.1f} MiB, read per token "
-                         f"{v['bytes_per_token'] / 2**20:7.2f} MiB, plain decode "
-                         f"{off['speedup_vs_first_variant_off']:.2f}x of {next(iter(variants))}")
+            what = f"{v['engine']}, {v.get('quantization') or 'full precision'}, weights {v['model_bytes'] / 2**20:.1f} MiB"
+            if "bytes_per_token" in v:
+                what += f", read per token {v['bytes_per_token'] / 2**20:.2f} MiB"
+            lines.append(f"{name:<10} {what}; plain decode {off['speedup_vs_first_variant_off']:.2f}x of {first}")
+    for name, e in result.get("engines", {}).items():
+        ratio = e["best_vs_first_best"]
+        lines.append(f"{name:<10} best: {e['best']} {e['best_tokens_per_s']:.1f} tok/s "
+                     f"({e['best_speedup_vs_own_off']:.2f}x its plain decode"
+                     + (f", {ratio:.2f}x the first variant's best" if ratio else "")
+                     + f"); greedy ids equal the first variant's: {e['greedy_ids_equal_first_off']}")
     return "\n".join(lines)

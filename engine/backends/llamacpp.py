@@ -29,7 +29,7 @@ import torch
 from engine.backends.base import Backend, BackendError, EmitFn, ProgressFn
 from engine.backends.llamacpp_runtime import Context, GGUFModel, check_gguf, nextn
 from engine.backends.native import rss_bytes
-from engine.generate import Emitter, TokenPicker
+from engine.generate import Emitter, GenerationResult, TokenPicker
 from engine.protocol import Done, Generate, Load, Token
 from engine.sampling import SamplingParams, sample
 from engine.speculative import DraftLength, SpecStats, SpeculativeConfig, verify
@@ -413,7 +413,6 @@ class LlamaCppBackend(Backend):
                                     max_tokens=p.max_tokens, stop=p.stop)
         except ValueError as e:
             raise BackendError("bad_request", str(e)) from e
-        drafter, control = self.drafter(spec.mode, spec.k)
         ids = self.prompt_ids(request)
         from_draft = [False]
 
@@ -423,19 +422,30 @@ class LlamaCppBackend(Backend):
         def on_text(text: str) -> None:
             emit(Token(id=request.id, text=text, accepted=from_draft[0]))
 
+        result = self.generate_ids(ids, params, spec.mode, spec.k, on_text, on_token, cancelled)
+        return Done(id=request.id, finish_reason=result.finish_reason, text=result.text, stats=result.stats)
+
+    def generate_ids(self, ids: list[int], params: SamplingParams, mode: str = "off", k: int | str = "auto",
+                     on_text=None, on_token=None, cancelled: Callable[[], bool] = lambda: False,
+                     reuse_prefix: bool = True) -> GenerationResult:
+        """Token ids in, a GenerationResult out (what engine.generate.generate returns for native models):
+        the request path above and `engine bench`. reuse_prefix=False prefills the whole prompt even
+        when the cache holds it, as a benchmark wants."""
+        drafter, control = self.drafter(mode, k)
         emitter = Emitter(min(params.max_tokens, self.ctx.n_ctx - len(ids)), self.text, params.stop, self.eog,
                           on_text, on_token)
         keep = drafter.begin(ids) if drafter else len(ids)
         try:
-            stats = self.run(ids, TokenPicker(params, ids, CPU), emitter, cancelled, drafter, control, keep)
+            stats = self.run(ids, TokenPicker(params, ids, CPU), emitter, cancelled, drafter, control,
+                             keep if reuse_prefix else 0)
         finally:
             if drafter:
                 drafter.end()
-        if spec.mode != "off":
-            stats["speculative"] = spec.mode
-        if spec.mode == "draft":
+        if mode != "off":
+            stats["speculative"] = mode
+        if mode == "draft":
             stats["draft_model"] = self.draft_model.path.name
-        return Done(id=request.id, finish_reason=emitter.finish, text=emitter.stream.text, stats=stats)
+        return GenerationResult(list(emitter.tokens), emitter.stream.text, emitter.finish, stats)
 
     def run(self, ids: list[int], picker: TokenPicker, emitter: Emitter, cancelled: Callable[[], bool],
             drafter, control: DraftLength | None, keep: int) -> dict:
