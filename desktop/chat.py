@@ -33,10 +33,14 @@ def speculative_modes(model: dict | None) -> list[str]:
     if not model:
         return ["off"]
     if model.get("speculative_modes"):
-        return list(model["speculative_modes"])
-    if model.get("backend") == "llamacpp":
-        return ["off", "lookup", "draft"]
-    return ["off", "mtp"] if model.get("mtp_modules") else ["off"]
+        modes = list(model["speculative_modes"])
+    elif model.get("backend") == "llamacpp":
+        modes = ["off", "lookup"]
+    else:
+        modes = ["off", "mtp"] if model.get("mtp_modules") else ["off"]
+    if model.get("backend") == "llamacpp" and "draft" not in modes:
+        modes.append("draft")  # offered before a draft is chosen: choosing one reloads with it
+    return modes
 
 
 @dataclass

@@ -160,3 +160,39 @@ def test_choosing_int4_weights_reloads_the_model_quantized(qtbot, app_window):
     with qtbot.waitSignal(session.sig_busy, timeout=60000, check_params_cb=lambda b: not b):
         pass
     assert session.thread()[-1]["status"] == "complete"
+
+
+def test_gguf_model_chats_with_a_draft_model_and_compares(qtbot, tmp_path, monkeypatch):
+    """A .gguf opens in the llama.cpp backend; choosing the draft mode and a draft file reloads the model
+    with it; replies and the comparison then run with the draft model, with identical greedy text."""
+    pytest.importorskip("llama_cpp")
+    from gguf_fixtures import exported_tiny
+
+    monkeypatch.setenv("MOEDESK_LLAMA_THREADS", "1")  # the worker inherits it: one thread on a busy machine
+    gguf = exported_tiny(tmp_path)[1]
+    draft = exported_tiny(tmp_path, ftype="q8_0")[1]
+    store = Store(tmp_path / "chats.db")
+    session = ChatSession(store)
+    window = MainWindow(session)
+    qtbot.addWidget(window)
+    window.show()
+    with qtbot.waitSignal(session.sig_model, timeout=60000, check_params_cb=lambda m: m is not None) as blocker:
+        session.start(str(gguf))
+    assert blocker.args[0]["backend"] == "llamacpp" and "llamacpp" in window.model_label.text()
+    combo = window.settings.speculation
+    offered = [combo.itemData(i)[0] for i in range(combo.count())]
+    assert set(offered) == {"off", "lookup", "draft", "mtp"}  # the tiny export carries one MTP layer
+    window.settings.set_draft(str(draft))
+    with qtbot.waitSignal(session.sig_model, timeout=60000, check_params_cb=lambda m: bool(m and m.get("draft"))):
+        combo.setCurrentIndex(offered.index("draft"))
+    assert session.settings.speculative == "draft" and store.get_setting("generation")["draft_model"] == str(draft)
+    send(qtbot, window, session, "Hello gguf", max_tokens=10)
+    qtbot.waitUntil(lambda: not session.busy(), timeout=60000)
+    reply = session.thread()[-1]
+    assert reply["status"] == "complete" and reply["stats"]["speculative"] == "draft"
+    assert reply["stats"]["draft_tokens_proposed"] > 0
+    with qtbot.waitSignal(session.sig_compare, timeout=120000) as blocker:
+        assert session.compare()
+    result = blocker.args[0]
+    assert result["on"]["mode"] == "draft" and result["identical"]
+    session.worker.stop()
