@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="the .gguf file to write")
     x.add_argument("--type", dest="ftype", choices=["f32", "f16", "q8_0", "q4_k_m"], default="f16",
                    help="weight type (q4_k_m: llama.cpp's own quantizer; norms and routers stay f32)")
-    x.add_argument("--no-mtp", dest="mtp", action="store_false", help="leave the MTP modules out")
+    x.add_argument("--mtp-layers", dest="mtp", type=int, default=1,
+                   help="MTP modules to write as nextn layers (default 1: llama.cpp drafts with exactly one)")
+    x.add_argument("--no-mtp", dest="mtp", action="store_const", const=0, help="leave the MTP modules out")
 
     t = sub.add_parser("init-tiny", help="write a small random-weight model (for tests and trying things)")
     t.add_argument("--out", default=str(DEFAULT_TINY_DIR))

@@ -17,7 +17,7 @@ from engine.export.gguf import export_gguf, llama_log, log_tail
 from engine.tiny import write_tiny_model
 
 
-def exported_tiny(tmp_dir: str | Path, ftype: str = "f32", seed: int = 0, std: float = 0.1, mtp: bool = True,
+def exported_tiny(tmp_dir: str | Path, ftype: str = "f32", seed: int = 0, std: float = 0.1, mtp: bool | int = True,
                   bias_std: float = 0.1, **overrides) -> tuple[Path, Path]:
     """A random tiny DeepSeek-V3 folder (engine.tiny.write_tiny_model; overrides: config fields) and its GGUF
     export, both under tmp_dir → (model folder, .gguf path). The routers' score-correction bias is random

@@ -253,7 +253,8 @@ def load_low_level(path, load_mtp: bool):
 
 def test_mtp_layers_load_with_load_mtp(tmp_path):
     llama_cpp.llama_backend_init()
-    model_dir, path = exported_tiny(tmp_path, "f32", num_nextn_predict_layers=2)
+    model_dir, path = exported_tiny(tmp_path, "f32", mtp=2, num_nextn_predict_layers=2)
+    assert describe_gguf(export_gguf(model_dir, tmp_path / "default.gguf"))["mtp_layers"] == 1  # what llama.cpp drafts with
     names = {t.name for t in gguf.GGUFReader(path).tensors}
     assert {f"blk.{b}.nextn.{p}.weight" for b in (2, 3) for p in ("eh_proj", "enorm", "hnorm", "shared_head_norm")} \
         <= names and "blk.3.ffn_gate_exps.weight" in names

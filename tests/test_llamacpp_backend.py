@@ -45,7 +45,7 @@ def files(tmp_path_factory):
     two_mtp = write_agreeing_mtp_model(tmp / "two", depth=2, with_tokenizer=True)
     return {"f32": f32, "q8": q8, "other": other, "no_mtp": no_mtp, "dir": tmp,
             "agree": export_gguf(agreeing, tmp / "agree.gguf", "f32"),
-            "two_mtp": export_gguf(two_mtp, tmp / "two.gguf", "f32")}
+            "two_mtp": export_gguf(two_mtp, tmp / "two.gguf", "f32", mtp=2)}
 
 
 @pytest.fixture(scope="module")

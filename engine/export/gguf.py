@@ -44,6 +44,9 @@ LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h's enum llama_ftype
 # Whether the vendored llama.cpp reads deepseek2's MTP (nextn) layers: checked by
 # tests/test_gguf_export.py with load_mtp=True. Set False to leave them out if a llama.cpp update drops it.
 LLAMA_READS_DEEPSEEK2_MTP = True
+# llama.cpp's deepseek2 MTP graph drafts with exactly one nextn layer (it asserts n_layer_nextn == 1 and
+# aborts otherwise), so by default only the first MTP module is written: one layer it can draft with.
+LLAMA_MTP_LAYERS = 1
 
 
 class ExportError(ValueError):
@@ -406,9 +409,10 @@ def load_dtype(model_dir: Path) -> torch.dtype:
 
 
 def export_gguf(model_dir: str | Path, out_path: str | Path, ftype: str = "f32",
-                progress: ProgressFn | None = None, mtp: bool = True) -> Path:
+                progress: ProgressFn | None = None, mtp: bool | int = True) -> Path:
     """Write `model_dir` as a GGUF of type `ftype` (f32 | f16 | q8_0 | q4_k_m) at `out_path`; returns it.
-    mtp: also write the MTP modules as llama.cpp nextn layers (when the vendored llama.cpp reads them)."""
+    mtp: how many MTP modules to write as llama.cpp nextn layers (when the vendored llama.cpp reads
+    them): True = as many as llama.cpp drafts with (LLAMA_MTP_LAYERS), a number = up to that many, False = none."""
     model_dir, out = Path(model_dir), Path(out_path)
     if ftype not in FTYPES:
         raise ExportError(f"unknown GGUF type {ftype!r}; choose one of {', '.join(FTYPES)}")
@@ -417,7 +421,11 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, ftype: str = "f32",
     vocab = read_vocab(model_dir, cfg.vocab_size)
     dtype = load_dtype(model_dir)
     model = load_model(model_dir, device="cpu", dtype=dtype, progress=progress)
-    n_mtp = len(model.mtp) if mtp else 0
+    wanted = LLAMA_MTP_LAYERS if mtp is True else int(mtp)
+    n_mtp = min(len(model.mtp), wanted)
+    if wanted > LLAMA_MTP_LAYERS and n_mtp > LLAMA_MTP_LAYERS:
+        warnings.warn(f"writing {n_mtp} MTP layers: llama.cpp loads them but drafts only with files that have "
+                      f"{LLAMA_MTP_LAYERS}", stacklevel=2)
     if n_mtp and not LLAMA_READS_DEEPSEEK2_MTP:
         warnings.warn("this llama.cpp build does not read deepseek2 MTP layers; leaving them out", stacklevel=2)
         n_mtp = 0
