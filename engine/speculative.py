@@ -118,13 +118,20 @@ class MTPDrafter:
         if self.resident:
             drafts.append(logits.argmax(-1, keepdim=True))
             qs.append(None)
-        elif picker.params.greedy:
-            drafts.append(picker.choose(logits, drafts))
-            qs.append(None)
         else:
-            q = picker.probs(logits, drafts)
-            drafts.append(int(sample(q, picker.generator)))
-            qs.append(q)
+            propose(logits, picker, drafts, qs)
+
+
+def propose(logits: torch.Tensor, picker: TokenPicker, drafts: list, qs: list) -> None:
+    """One draft token from a drafter's logits [V]: its argmax (after the picker's penalties) when greedy,
+    else a sample from its distribution q under the same settings, kept for the acceptance test."""
+    if picker.params.greedy:
+        drafts.append(picker.choose(logits, drafts))
+        qs.append(None)
+    else:
+        q = picker.probs(logits, drafts)
+        drafts.append(int(sample(q, picker.generator)))
+        qs.append(q)
 
 
 def verify(logits: torch.Tensor, drafts: list[int], qs: list, picker: TokenPicker,

@@ -9,7 +9,6 @@ comparisons: float rounding in another runtime may flip such a choice and move t
 """
 from __future__ import annotations
 
-import ctypes
 import itertools
 import json
 import shutil

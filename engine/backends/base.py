@@ -4,7 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Callable
 
-from engine.protocol import Done, Generate, Load, Token
+from engine.protocol import Done, Generate, GenerateParams, Load, Token
 
 ProgressFn = Callable[[str, float], None]
 EmitFn = Callable[[Token], None]
@@ -36,3 +36,15 @@ class Backend(ABC):
     @abstractmethod
     def info(self) -> dict:
         """The `loaded` description of the current model."""
+
+
+def sampling_params(p: GenerateParams):
+    """The protocol's generation parameters as engine.sampling's, or a bad_request error naming the value."""
+    from engine.sampling import SamplingParams  # imported here: engine.sampling needs torch
+
+    try:
+        return SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                              repetition_penalty=p.repetition_penalty, seed=p.seed, max_tokens=p.max_tokens,
+                              stop=p.stop)
+    except ValueError as e:
+        raise BackendError("bad_request", str(e)) from e

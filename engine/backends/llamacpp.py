@@ -26,13 +26,13 @@ import llama_cpp
 import numpy as np
 import torch
 
-from engine.backends.base import Backend, BackendError, EmitFn, ProgressFn
+from engine.backends.base import Backend, BackendError, EmitFn, ProgressFn, sampling_params
 from engine.backends.llamacpp_runtime import Context, GGUFModel, check_gguf, nextn
 from engine.backends.native import rss_bytes
 from engine.generate import Emitter, GenerationResult, TokenPicker
 from engine.protocol import Done, Generate, Load, Token
-from engine.sampling import SamplingParams, sample
-from engine.speculative import DraftLength, SpecStats, SpeculativeConfig, verify
+from engine.sampling import SamplingParams
+from engine.speculative import DraftLength, SpecStats, SpeculativeConfig, propose, verify
 from engine.tokenizer import ChatTemplateError, Tokenizer
 
 MAX_CONTEXT = 8192  # llama.cpp allocates the whole KV cache up front; longer models are capped here
@@ -81,18 +81,6 @@ def chat_renderer(model: GGUFModel, text: GGUFText) -> Tokenizer | None:
 
 
 # ---- drafters ----
-
-def propose(logits: torch.Tensor, picker: TokenPicker, drafts: list, qs: list) -> None:
-    """One draft token from a drafter's logits: its argmax when greedy, else a sample from its
-    distribution q under the same settings (kept for the acceptance test)."""
-    if picker.params.greedy:
-        drafts.append(picker.choose(logits, drafts))
-        qs.append(None)
-    else:
-        q = picker.probs(logits, drafts)
-        drafts.append(int(sample(q, picker.generator)))
-        qs.append(q)
-
 
 class Drafter:
     """Proposes k tokens after the committed ones; the target verifies them (see `decode`)."""
@@ -407,12 +395,7 @@ class LlamaCppBackend(Backend):
         if self.model is None:
             raise BackendError("not_loaded", "no model is loaded")
         p, spec = request.params, request.params.speculative
-        try:
-            params = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-                                    repetition_penalty=p.repetition_penalty, seed=p.seed,
-                                    max_tokens=p.max_tokens, stop=p.stop)
-        except ValueError as e:
-            raise BackendError("bad_request", str(e)) from e
+        params = sampling_params(p)
         ids = self.prompt_ids(request)
         from_draft = [False]
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from engine.backends.base import Backend, BackendError, EmitFn, ProgressFn
+from engine.backends.base import Backend, BackendError, EmitFn, ProgressFn, sampling_params
 from engine.generate import generate
 from engine.model.errors import ModelLoadError
 from engine.pretrained import Pretrained, load_pretrained
@@ -16,7 +16,6 @@ from engine.quant import QuantSpec, model_spec, weight_bytes
 from engine.protocol import Done, Generate, Load, Token
 from engine.routing import moe_routers
 from engine.routing_stats import RoutingRecorder, rounded
-from engine.sampling import SamplingParams
 from engine.speculative import SpeculativeConfig
 from engine.tokenizer import ChatTemplateError
 
@@ -91,12 +90,7 @@ class NativeBackend(Backend):
         if self.pre is None:
             raise BackendError("not_loaded", "no model is loaded")
         p, spec_req = request.params, request.params.speculative
-        try:
-            params = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-                                    repetition_penalty=p.repetition_penalty, seed=p.seed,
-                                    max_tokens=p.max_tokens, stop=p.stop)
-        except ValueError as e:
-            raise BackendError("bad_request", str(e)) from e
+        params = sampling_params(p)
         spec = None
         if spec_req.mode == "mtp":
             if not self.pre.model.mtp:
