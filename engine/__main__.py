@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("balance-scope", str, "load measured over the whole rollout ('rollout', default) or per token window ('window')"),
                              ("lambda-ent", float, "weight of the routing entropy"),
                              ("lambda-union", float, "weight of the expert union per window"),
+                             ("seq-balance", float, "α of DeepSeek-V3's sequence-wise balance loss (default 0: off)"),
                              ("rebalance-steps", int, "bias re-balancing batches after GRPO"),
                              ("bias-step", float, "bias step γ (per GRPO step; shrinking to 0 over the re-balancing)"),
                              ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:

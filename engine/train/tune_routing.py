@@ -70,6 +70,7 @@ class TuneSettings:
     balance_scope: str = "rollout"  # max/mean load over the whole rollout, or per token window ("window")
     lambda_ent: float = 0.0
     lambda_union: float = 0.3
+    seq_balance: float = 0.0  # α of DeepSeek-V3's sequence-wise balance loss in the policy objective (0: off)
     mtp_weight: float = 0.3
     rebalance_steps: int = 60
     bias_step: float = 1e-3  # γ: per step while tuning, shrinking to 0 over the re-balancing
@@ -205,11 +206,26 @@ def group_advantages(reward: torch.Tensor) -> torch.Tensor:
 
 # ---- the update ----
 
+def sequence_balance(router: Router, x: torch.Tensor, ids: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, summed over n_seq sequences:
+    Σ_i f_i·P_i per sequence, f_i = E/(k·T)·(tokens routed to i), P_i = mean normalized affinity of i.
+    Its gradient lowers the affinity of the experts one text overloads, which a reward measured over a
+    whole rollout hardly sees: load even within a text, not only across the corpus the bias balances."""
+    E, k = router.n_experts, router.top_k
+    scores = F.linear(x, router.weight)
+    scores = scores.sigmoid() if router.scoring == "sigmoid" else scores.softmax(-1)
+    share = (scores / scores.sum(-1, keepdim=True)).view(n_seq, -1, E)  # [S, T, E]
+    hot = torch.zeros(ids.shape[0], E, device=x.device).scatter_(1, ids, 1.0).view(n_seq, -1, E)
+    f = hot.mean(1) * E / k  # [S, E], 1 everywhere when balanced
+    return (f * share.mean(1)).sum()
+
+
 def policy_loss(sampler: Sampler, ref: list[tuple[torch.Tensor, torch.Tensor | None]], adv: torch.Tensor,
                 s: TuneSettings) -> tuple[torch.Tensor, dict]:
-    """PPO-clipped surrogate per routing decision (its chunk's advantage) + β·KL to the start."""
+    """PPO-clipped surrogate per routing decision (its chunk's advantage) + β·KL to the start
+    (+ α·the sequence-wise balance loss, when seq_balance is set)."""
     G, B, C = adv.shape
-    surr, kl, clipped, n = 0.0, 0.0, 0.0, 0
+    surr, kl, clipped, n, seq_bal = 0.0, 0.0, 0.0, 0, 0.0
     for r, rec, (w0, b0) in zip(sampler.routers, sampler.records, ref):
         n_pos = rec["ids"].shape[0] // (G * B)
         chunk_of = (torch.arange(n_pos, device=adv.device) // s.chunk).clamp_max(C - 1)
@@ -222,8 +238,10 @@ def policy_loss(sampler: Sampler, ref: list[tuple[torch.Tensor, torch.Tensor | N
             clipped += float(((ratio - 1).abs() > s.clip).float().sum())
         kl = kl + categorical_kl(logits, ref_logits).sum()
         n += a.numel()
-    loss = -surr / n + s.kl * kl / n
-    return loss, {"kl": float(kl.detach()) / n, "clip_frac": clipped / n}
+        if s.seq_balance:
+            seq_bal = seq_bal + sequence_balance(r, rec["x"], rec["ids"], G * B) / (G * B * len(sampler.routers))
+    loss = -surr / n + s.kl * kl / n + s.seq_balance * seq_bal
+    return loss, {"kl": float(kl.detach()) / n, "clip_frac": clipped / n, "seq_balance": float(seq_bal)}
 
 
 def tune_step(model: Transformer, sampler: Sampler, ref, opt, tokens: torch.Tensor, gen: torch.Generator,
