@@ -51,6 +51,8 @@ from engine.train.mtp_loss import lm_and_mtp_losses
 
 ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
 STATE, LOG = "tune_state", "tune_log.jsonl"  # STATE: a folder (its tensors are no model shard)
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja")  # copied from --model to the output
 
 
 @dataclass
@@ -353,10 +355,9 @@ def write_checkpoint(model: Transformer, src: Path, out: Path) -> None:
                 tensors[name] = new[name].to(tensors[name].dtype)
         save_file(tensors, str(out / f"{f.name}.tmp"), metadata=meta)
         (out / f"{f.name}.tmp").replace(out / f.name)
-    for f in src.iterdir():  # config, tokenizer, chat template, generation settings, shard index (not the
-        # tuning log of a --model that was itself tuned: this run's log is in `out` already)
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("MODEL_CARD.md", "figures.json", LOG,
-                                                                                   "tuning.json"):
+    for f in src.iterdir():  # what loading needs; not the source's own logs, evaluations and model card,
+        # which describe the untuned routers (this run's log is in `out` already)
+        if f.is_file() and (f.name in MODEL_FILES or f.name.endswith(".safetensors.index.json")):
             shutil.copy2(f, out / f.name)
     check_only_routers_differ(src, out)
 
