@@ -122,6 +122,17 @@ class MTPDrafter:
             propose(logits, picker, drafts, qs)
 
 
+def commit(kept: list[int], tokens: list[int], picker: TokenPicker, emitter) -> bool:
+    """Append a verification's kept tokens (accepted drafts, then the target's own token) and stream
+    them; True when generation ends (the emitter's budget, an end token or a stop string)."""
+    for i, t in enumerate(kept):
+        picker.commit(t)
+        tokens.append(t)
+        if emitter.push(t, from_draft=i < len(kept) - 1):
+            return True
+    return False
+
+
 def propose(logits: torch.Tensor, picker: TokenPicker, drafts: list, qs: list) -> None:
     """One draft token from a drafter's logits [V]: its argmax (after the picker's penalties) when greedy,
     else a sample from its distribution q under the same settings, kept for the acceptance test."""
@@ -355,12 +366,7 @@ def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, 
         else:
             accepted, bonus = verify(logits[0], drafts, qs, picker, cfg.accept_rule)
         t2 = time.perf_counter()
-        for i, t in enumerate(drafts[:accepted] + [bonus]):
-            picker.commit(t)
-            tokens.append(t)
-            if emitter.push(t, from_draft=i < accepted):
-                done = True
-                break
+        done = commit(drafts[:accepted] + [bonus], tokens, picker, emitter)
         # drafts kept on the GPU leave the host before they are computed: time them there (done by now)
         draft_s = marks[0].elapsed_time(marks[1]) / 1000 if marks else t1 - t0
         control.observe(k, accepted, time.perf_counter() - t0, draft_s)

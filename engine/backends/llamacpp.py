@@ -32,7 +32,7 @@ from engine.backends.native import rss_bytes
 from engine.generate import Emitter, GenerationResult, TokenPicker
 from engine.protocol import Done, Generate, Load, Token
 from engine.sampling import SamplingParams
-from engine.speculative import DraftLength, SpecStats, SpeculativeConfig, propose, verify
+from engine.speculative import DraftLength, SpecStats, SpeculativeConfig, commit, propose, verify
 from engine.tokenizer import ChatTemplateError, Tokenizer
 
 MAX_CONTEXT = 8192  # llama.cpp allocates the whole KV cache up front; longer models are capped here
@@ -231,12 +231,7 @@ def decode(ctx: Context, tokens: list[int], picker: TokenPicker, emitter: Emitte
         accepted, bonus = verify(logits, drafts, qs, picker)
         ctx.rewind(N + 1 + accepted)
         t2 = time.perf_counter()
-        for i, t in enumerate(drafts[:accepted] + [bonus]):
-            picker.commit(t)
-            tokens.append(t)
-            if emitter.push(t, from_draft=i < accepted):
-                done = True
-                break
+        done = commit(drafts[:accepted] + [bonus], tokens, picker, emitter)
         if drafter:
             control.observe(len(drafts), accepted, time.perf_counter() - t0, t1 - t0)
             stats.record(len(drafts), accepted, t1 - t0, t2 - t1)
