@@ -190,10 +190,10 @@ def test_bundled_f32_export_gives_the_native_logits_and_greedy_output(bundled):
 
 
 def test_bundled_q8_0_agrees_on_greedy_positions(bundled, tmp_path):
-    """Teacher-forced on the native greedy continuations, llama.cpp's Q8_0 picks the same top token: at
-    least 98% where the native choice is clear (top-2 gap ≥ 0.1 logit; measured 298/300), 95% overall
-    (measured 312/320; the misses sit at near-tied logits or routing, and llama.cpp's CPU products quantize
-    the activations to Q8_0 too)."""
+    """Teacher-forced on the native greedy continuations, llama.cpp's Q8_0 picks the same top token at
+    98% of the positions (measured 315/320 with the embedding and head in f16, 312/320 with them Q8_0),
+    and at 98% of those where the native choice is clear (top-2 gap ≥ 0.1 logit). The misses sit at
+    near-tied logits: llama.cpp's CPU products quantize the activations to 8 bits too."""
     pre, _, _, greedy = bundled
     path = export_gguf(BUNDLED_MODEL, tmp_path / "mini-q8_0.gguf", "q8_0")
     assert set(describe_gguf(path)["types"]) == {"Q8_0", "F16", "F32"}  # attn_k_b rows (24) stay F16
@@ -207,7 +207,7 @@ def test_bundled_q8_0_agrees_on_greedy_positions(bundled, tmp_path):
         clear.append(gap >= 0.1)
     same, clear = np.concatenate(same), np.concatenate(clear)
     assert same[clear].mean() >= 0.98 and clear.mean() > 0.8, f"{same[clear].sum()}/{clear.sum()} clear positions"
-    assert same.mean() >= 0.95, f"Q8_0 top-1 agreement {same.sum()}/{len(same)}"
+    assert same.mean() >= 0.98, f"Q8_0 top-1 agreement {same.sum()}/{len(same)}"
 
 
 def test_tokenizer_splits_text_like_ours(bundled, tiny):

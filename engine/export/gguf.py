@@ -348,6 +348,11 @@ def ggml_type(name: str, shape: tuple[int, ...], ftype: str) -> Q:
     if len(shape) == 1 or name.endswith("ffn_gate_inp.weight") or ftype == "f32":
         return Q.F32
     if ftype == "q8_0":
+        # The token embedding and the output head stay f16 (llama-quantize's --token-embedding-type /
+        # --output-tensor-type): on the bundled model Q8_0 embeddings alone cost 1.9 points of greedy
+        # top-1 agreement with the native engine (97.5% → 98.4% with both f16), at 2·vocab·hidden bytes.
+        if name in ("token_embd.weight", "output.weight"):
+            return Q.F16
         return Q.Q8_0 if shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0 else Q.F16
     return {"f16": Q.F16, "bf16": Q.BF16}[ftype]
 
