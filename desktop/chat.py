@@ -28,16 +28,10 @@ def backend_for(path: str) -> str:
 
 
 def speculative_modes(model: dict | None) -> list[str]:
-    """The speculation modes the loaded model offers: the backend says so in `loaded`; older workers
-    did not, so fall back on what each backend is known to do."""
+    """The speculation modes the loaded model offers, as its backend reports them in `loaded`."""
     if not model:
         return ["off"]
-    if model.get("speculative_modes"):
-        modes = list(model["speculative_modes"])
-    elif model.get("backend") == "llamacpp":
-        modes = ["off", "lookup"]
-    else:
-        modes = ["off", "mtp"] if model.get("mtp_modules") else ["off"]
+    modes = list(model.get("speculative_modes") or ["off"])
     if model.get("backend") == "llamacpp" and "draft" not in modes:
         modes.append("draft")  # offered before a draft is chosen: choosing one reloads with it
     return modes

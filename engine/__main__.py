@@ -239,7 +239,7 @@ def cmd_bench(args) -> int:
     result = run_bench(models if len(models) > 1 else next(iter(models.values())), load_prompts(args.prompts),
                        configs, args.max_tokens, args.repeat, progress, online_balance=args.online_balance)
     print(file=sys.stderr)
-    native = [m for m in models.values() if hasattr(m, "model")]
+    native = [m.pre for m in models.values() if hasattr(m, "pre")]
     result["environment"] = environment(native[0]) if native else {"model": gguf}
     result["environment"].update(threads=torch.get_num_threads(),
                                  llama_threads=os.environ.get("MOEDESK_LLAMA_THREADS") if gguf else None)
@@ -252,7 +252,8 @@ def cmd_bench(args) -> int:
 
 
 def _bench_native_models(args) -> dict:
-    """--quant variants of --model: {name: Pretrained}; one variant is named "native" beside a GGUF."""
+    """--quant variants of --model: {name: NativeRunner}; one variant is named "native" beside a GGUF."""
+    from engine.bench import NativeRunner
     from engine.pretrained import load_pretrained
 
     names = [v.strip() for v in args.quant.split(",") if v.strip()] or ["none"]
@@ -261,8 +262,9 @@ def _bench_native_models(args) -> dict:
         dtype = name if name in ("fp32", "bf16", "fp16") else args.dtype
         spec = None if dtype is not args.dtype else quant_spec(args, name)
         pre = load_pretrained(args.model, device=args.device, dtype=dtype, quant=spec)
-        models[name if spec else str(pre.model.norm.weight.dtype).removeprefix("torch.")] = pre
-    return {"native": pre} if len(models) == 1 and args.gguf else models
+        runner = NativeRunner(pre, args.online_balance)
+        models[name if spec else str(pre.model.norm.weight.dtype).removeprefix("torch.")] = runner
+    return {"native": runner} if len(models) == 1 and args.gguf else models
 
 
 def _bench_llama(path: str, draft: str | None):
@@ -279,10 +281,9 @@ def _bench_llama(path: str, draft: str | None):
     return LlamaRunner(backend)
 
 
-def _bench_modes(name: str, model, wanted: list[str] | None) -> list[str]:
+def _bench_modes(name: str, runner, wanted: list[str] | None) -> list[str]:
     """The speculative modes to time for one variant: those asked for that it offers."""
-    offered = model.backend.info()["speculative_modes"] if not hasattr(model, "model") else \
-        (["off", "mtp"] if model.model.mtp else ["off"])
+    offered = runner.speculative_modes()
     if wanted is None:
         return offered
     chosen = [m for m in wanted if m in offered]
@@ -343,7 +344,6 @@ def cmd_tune_routing(args) -> int:
 
 
 def cmd_export_gguf(args) -> int:
-    import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is read from the folder; nothing downloads
     from engine.export.gguf import describe_gguf, export_gguf
 

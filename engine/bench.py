@@ -68,6 +68,9 @@ class NativeRunner:
         return generate(self.pre.model, ids, params, eos_ids=self.pre.eos_ids, speculative=spec,
                         online_balance=self.online_balance)
 
+    def speculative_modes(self) -> list[str]:
+        return ["off", "mtp"] if self.pre.model.mtp else ["off"]
+
     def describe(self) -> dict:
         return {"engine": "native", "quantization": _quantization(self.pre.model), **weight_bytes(self.pre.model)}
 
@@ -90,6 +93,9 @@ class LlamaRunner:
 
     def __call__(self, ids: list[int], params: SamplingParams, cfg: BenchConfig):
         return self.backend.generate_ids(ids, params, cfg.mode, cfg.k, reuse_prefix=False)
+
+    def speculative_modes(self) -> list[str]:
+        return self.backend.info()["speculative_modes"]
 
     def describe(self) -> dict:
         info = self.backend.info()
@@ -122,8 +128,8 @@ def run_bench(models, prompts: list[dict], configs: list[BenchConfig], max_token
               progress=None, online_balance: float | None = None) -> dict:
     """models: one model, or variants by name (BenchConfig.variant), all timed in one run: each a
     Pretrained (a native model) or a runner (NativeRunner, LlamaRunner). The prompts are encoded once,
-    by the first variant. online_balance: γ of online bias balancing in every native run
-    (engine.generate); it can change the output, so `identical_to_off` may turn false, and on CUDA it
+    by the first variant. online_balance: γ of online bias balancing in the native runs of models given
+    as Pretrained (a NativeRunner carries its own; engine.generate); it can change the output, so `identical_to_off` may turn false, and on CUDA it
     decodes without graphs."""
     models = models if isinstance(models, dict) else {"": models}
     runners = {n: m if callable(m) else NativeRunner(m, online_balance) for n, m in models.items()}

@@ -8,12 +8,15 @@ evaluation 20-30x slower with 2 threads than with 1.
 """
 from __future__ import annotations
 
+import ctypes
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from engine.export.gguf import export_gguf, llama_log, log_tail
+from engine.export.gguf import export_gguf
 from engine.tiny import write_tiny_model
 
 
@@ -41,10 +44,33 @@ def randomize_router_bias(model_dir: Path, seed: int, std: float) -> None:
     save_file(state, path, metadata={"format": "pt"})
 
 
+@contextmanager
+def llama_log() -> Iterator[list[str]]:
+    """Collect llama.cpp's log lines, all of them, instead of printing them (a quiet Llama() load hides
+    the reason it failed); whatever callback was set is put back after."""
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    previous, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(user_data))
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(previous, user_data)
+
+
 def open_llama(path: str | Path, n_ctx: int = 256, exact: bool = True, **kwargs):
     """llama_cpp.Llama on a GGUF, quiet; exact: F32 KV cache, no flash attention, logits at every position.
     A failed load raises RuntimeError with llama.cpp's own reason (a quiet load only says it failed)."""
     import llama_cpp
+
+    from engine.backends.llamacpp_runtime import error_lines
 
     settings = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
                     logits_all=True) if exact else {}
@@ -53,7 +79,7 @@ def open_llama(path: str | Path, n_ctx: int = 256, exact: bool = True, **kwargs)
         try:
             return llama_cpp.Llama(model_path=str(path), **settings)
         except ValueError as e:
-            raise RuntimeError(f"llama.cpp could not load {path}:\n{log_tail(lines)}") from e
+            raise RuntimeError(f"llama.cpp could not load {path}:\n" + "\n".join(error_lines(lines, 8))) from e
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:

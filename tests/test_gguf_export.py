@@ -21,7 +21,7 @@ import torch
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from engine.__main__ import main  # noqa: E402
-from engine.export.gguf import ExportError, describe_gguf, export_gguf, llama_log  # noqa: E402
+from engine.export.gguf import ExportError, describe_gguf, export_gguf  # noqa: E402
 from engine.generate import generate  # noqa: E402
 from engine.model.checkpoint import load_model, save_model  # noqa: E402
 from engine.model.config import parse_config  # noqa: E402
@@ -33,7 +33,8 @@ from engine.routing import Router  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from engine.tiny import tiny_config, write_tiny_model  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
-from gguf_fixtures import exported_tiny, llama_logits, native_logits, open_llama, routing_margins  # noqa: E402
+from gguf_fixtures import (exported_tiny, llama_log, llama_logits, native_logits, open_llama,  # noqa: E402
+                           routing_margins)
 
 TOL = 1e-3  # max |logit difference| of an F32 export (measured: ~3e-6 tiny, ~1.3e-5 bundled)
 MARGIN = 1e-3  # routing margin below which a position proves nothing

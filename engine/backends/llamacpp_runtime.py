@@ -116,7 +116,7 @@ def _on_log(level: int, text: bytes, _user) -> None:
         sys.stderr.write(line)
 
 
-def _init_library() -> None:
+def init_library() -> None:
     """Once: llama.cpp's backends. Every time: our log callback, which llama-cpp-python's own logger
     (or anyone else's) may have replaced since."""
     if not _backend_ready[0]:
@@ -125,10 +125,21 @@ def _init_library() -> None:
     llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
 
 
-def _last_error() -> str:
-    lines = [s.strip() for s in _log_tail if s.strip()]
-    bad = [s for s in lines if any(w in s.lower() for w in ("error", "failed", "invalid", "unknown", "not found"))]
-    return "; ".join((bad or lines)[-2:]) or "no reason given"
+def fresh_log() -> None:
+    """Forget earlier lines, so that last_error() speaks of the call that follows."""
+    _log_tail.clear()
+
+
+def error_lines(lines, n: int = 2) -> list[str]:
+    """The last n log lines that say what went wrong (else the last n lines)."""
+    lines = [s.strip() for s in lines if s.strip()]
+    bad = [s for s in lines if any(w in s.lower() for w in ("error", "failed", "invalid", "unknown", "wrong",
+                                                             "not found"))]
+    return (bad or lines)[-n:]
+
+
+def last_error() -> str:
+    return "; ".join(error_lines(_log_tail)) or "no reason given"
 
 
 # ---- llama.cpp objects ----
@@ -137,7 +148,7 @@ class GGUFModel:
     """A loaded llama_model and its vocabulary."""
 
     def __init__(self, path: Path, gpu_layers: int, load_mtp: bool, progress: Callable[[float], None]):
-        _init_library()
+        init_library()
 
         def on_progress(fraction: float, _user) -> bool:
             try:
@@ -151,10 +162,10 @@ class GGUFModel:
         params.load_mtp = load_mtp
         callback = llama_cpp.llama_progress_callback(on_progress)  # alive for the whole call
         params.progress_callback = callback
-        _log_tail.clear()
+        fresh_log()
         self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
-            raise BackendError("load_failed", f"llama.cpp could not load {path.name}: {_last_error()}")
+            raise BackendError("load_failed", f"llama.cpp could not load {path.name}: {last_error()}")
         self.path = path
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -207,7 +218,7 @@ class Context:
     carry a token and a hidden state (`states`); it outputs its own hidden state with the logits."""
 
     def __init__(self, model: GGUFModel, n_ctx: int, threads: tuple[int, int], gpu: bool, mtp: bool = False):
-        _init_library()
+        init_library()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = BATCH
@@ -220,7 +231,7 @@ class Context:
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise BackendError("load_failed", f"llama.cpp could not make a context for {model.path.name}: "
-                                              f"{_last_error()}")
+                                              f"{last_error()}")
         self.n_ctx = llama_cpp.llama_n_ctx(self.ptr)
         self.n_vocab, self.n_embd = model.n_vocab, model.n_embd
         self.memory = llama_cpp.llama_get_memory(self.ptr)
@@ -281,7 +292,7 @@ class Context:
             self.embd[:n] = states
         rc = llama_cpp.llama_decode(self.ptr, b)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed ({rc}): {_last_error()}")
+            raise RuntimeError(f"llama_decode failed ({rc}): {last_error()}")
         self.tokens += chunk
         if self.states is not None:
             rows = np.ctypeslib.as_array(nextn.llama_get_embeddings_nextn(self.ptr), shape=(n, self.n_embd))

@@ -22,7 +22,6 @@ import ctypes
 import json
 import os
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -254,11 +253,16 @@ def rope_rows_interleaved(w: torch.Tensor, n_heads: int, nope: int, rope: int) -
     return torch.cat([w[:, :nope], w[:, nope:][:, order]], dim=1).flatten(0, 1)
 
 
+def as_is(param: str) -> TensorFn:
+    """The engine weight `param`, unchanged."""
+    return lambda get: get(param)
+
+
 def attention_tensors(cfg: ModelConfig, pre: str, blk: str) -> Iterator[tuple[str, TensorFn]]:
     nh, nope, rope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
 
     def plain(param):
-        return lambda get: get(pre + param)
+        return as_is(pre + param)
 
     def query(param):
         def fn(get):
@@ -293,7 +297,7 @@ def attention_tensors(cfg: ModelConfig, pre: str, blk: str) -> Iterator[tuple[st
 
 def ffn_tensors(cfg: ModelConfig, pre: str, blk: str, moe: bool) -> Iterator[tuple[str, TensorFn]]:
     def plain(param):
-        return lambda get: get(pre + param)
+        return as_is(pre + param)
 
     def experts(half):
         rows = slice(None, cfg.moe_intermediate_size) if half == "gate" else slice(cfg.moe_intermediate_size, None)
@@ -328,14 +332,14 @@ def mtp_tensors(model: Transformer, i: int) -> Iterator[tuple[str, TensorFn]]:
     if m.head is not None:
         parts.append(("shared_head_head", "head"))
     for gname, param in parts:
-        yield blk + f"nextn.{gname}.weight", lambda get, p=f"{pre}{param}.weight": get(p)
+        yield blk + f"nextn.{gname}.weight", as_is(f"{pre}{param}.weight")
 
 
 def all_tensors(model: Transformer, n_mtp: int) -> Iterator[tuple[str, TensorFn]]:
     cfg = model.cfg
-    yield "token_embd.weight", lambda get: get("embed.weight")
-    yield "output_norm.weight", lambda get: get("norm.weight")
-    yield "output.weight", lambda get: get("head.weight")  # written even when tied: llama.cpp needs it
+    yield "token_embd.weight", as_is("embed.weight")
+    yield "output_norm.weight", as_is("norm.weight")
+    yield "output.weight", as_is("head.weight")  # written even when tied: llama.cpp needs it
     for i in range(cfg.num_hidden_layers):
         yield from attention_tensors(cfg, f"layers.{i}.", f"blk.{i}.")
         yield from ffn_tensors(cfg, f"layers.{i}.", f"blk.{i}.", moe=cfg.is_moe_layer(i))
@@ -477,44 +481,18 @@ def describe_gguf(path: str | Path) -> dict:
 
 # ---- llama.cpp -------------------------------------------------------------------------------------
 
-@contextmanager
-def llama_log() -> Iterator[list[str]]:
-    """Collect llama.cpp's log lines instead of printing them (llama-cpp-python hides its stderr on a
-    quiet load, and with it the reason a load failed); whatever callback was set is put back after."""
-    import llama_cpp
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):
-        lines.append(text.decode("utf-8", errors="replace"))
-
-    previous, user_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(user_data))
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(previous, user_data)
-
-
-def log_tail(lines: list[str], n: int = 8) -> str:
-    """The last lines that say what went wrong (llama.cpp logs errors with the function name first)."""
-    text = "".join(lines).splitlines()
-    bad = [ln for ln in text if any(k in ln.lower() for k in ("error", "failed", "invalid", "wrong", "not found"))]
-    return "\n".join((bad or text)[-n:])
-
-
 def llama_quantize(src: Path, dst: Path, llama_ftype: int) -> None:
     """llama.cpp's quantizer (the one llama-quantize runs). Tensors whose rows are not whole k-quant
     blocks it stores in a fallback type itself."""
     import llama_cpp
 
-    llama_cpp.llama_backend_init()
+    from engine.backends.llamacpp_runtime import fresh_log, init_library, last_error
+
+    init_library()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype
     params.nthread = os.cpu_count() or 1
-    with llama_log() as lines:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    fresh_log()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.is_file():
-        raise ExportError(f"llama.cpp's quantizer failed on {src.name} (code {rc}):\n{log_tail(lines)}")
+        raise ExportError(f"llama.cpp's quantizer failed on {src.name} (code {rc}): {last_error()}")
