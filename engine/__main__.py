@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", default=None, help="text file to tune on (default: the bundled model's training data)")
     r.add_argument("--out", required=True, help="folder for the tuned checkpoint, its log and resume state")
     r.add_argument("--steps", type=int, default=None,
-                   help="GRPO steps (default 300; 0 with a tuned --model: only re-balance its bias)")
+                   help="GRPO steps (default 300; 0: only balance the --model's bias)")
     r.add_argument("--group-size", dest="group", type=int, default=None, help="G rollouts per batch (default 8)")
     for name, kind, what in [("batch", int, "token windows per step"), ("seq-len", int, "tokens per window"),
                              ("chunk", int, "tokens per scored unit"), ("window", int, "verification window (union)"),
@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                              ("lambda-ent", float, "weight of the routing entropy"),
                              ("lambda-union", float, "weight of the expert union per window"),
                              ("seq-balance", float, "α of DeepSeek-V3's sequence-wise balance loss (default 0: off)"),
-                             ("rebalance-steps", int, "bias re-balancing batches after GRPO"),
-                             ("bias-step", float, "bias step γ (per GRPO step; shrinking to 0 over the re-balancing)"),
+                             ("bias-step", float, "bias step γ after each GRPO step"),
+                             ("calibrate-windows", int, "windows the bias is then balanced on (default 48; 0: none)"),
+                             ("calibrate-len", int, "tokens per calibration window (default 512)"),
                              ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:
         r.add_argument(f"--{name}", type=kind, default=None, help=what or None)
 

@@ -8,7 +8,9 @@ the weights are normalized when `norm_topk_prob`, otherwise scaled by `routed_sc
 Routing runs in fp32 whatever the model dtype, as the reference implementations do.
 
 Balancing (V3 routers only: only `noaux_tc` selection reads the bias). Training:
-count each expert's tokens over a batch (`track_load`), then `balance_bias(γ)`. Inference, optional
+count each expert's tokens over a batch (`track_load`), then `balance_bias(γ)`. Calibration: the bias
+that evens the loads of a given set of tokens outright (`balancing_bias`), instead of in γ-sized steps
+that can stall short of balance on a sharply specialized router. Inference, optional
 and off by default (`online_step = γ`): after every forward pass the bias moves by γ from that pass's
 own counts. That changes which experts are chosen, so it can change the output (greedy included)
 versus the checkpoint's bias; `engine.generate` restores the bias after each request.
@@ -109,6 +111,32 @@ class Router(torch.nn.Module):
         if self.norm_topk_prob:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return w * self.scaling
+
+
+@torch.no_grad()
+def balancing_bias(router: Router, scores: torch.Tensor, iters: int = 800, tol: float = 1e-3
+                   ) -> tuple[torch.Tensor, float]:
+    """The score-correction bias under which these tokens' affinities scores [N, E] (fp32) load every
+    expert evenly, and the max/mean load it gives them (the best iterate's).
+
+    Each expert's load only grows with its own bias, so a step proportional to the load's excess (loads
+    normalized to mean 1) settles where every load is 1; the step shrinks so that the discrete top-k
+    counts stop flipping. It starts from the router's bias, whose units (affinities) set the scale.
+    """
+    n, k = scores.shape[0], router.top_k
+    bias, step = router.bias.clone(), 0.05
+    best = (float("inf"), bias.clone())
+    for _ in range(iters):
+        ids = router.mask_groups(scores + bias).topk(k, dim=-1, sorted=False).indices
+        load = router.count(ids).float() * (router.n_experts / (n * k))  # [E], mean 1
+        worst = float(load.max())
+        if worst < best[0]:
+            best = (worst, bias.clone())
+            if worst <= 1 + tol:
+                break
+        bias -= step * (load - 1)
+        step *= 0.994
+    return best[1], best[0]
 
 
 def moe_routers(model: torch.nn.Module) -> list[Router]:

@@ -135,7 +135,8 @@ def tuned(tmp_path_factory):
     text.write_text(inspect.getsource(textwrap))
     out = root / "tuned"
     args = ["tune-routing", "--model", str(src), "--data", str(text), "--out", str(out), "--group-size", "4",
-            "--batch", "2", "--seq-len", "32", "--chunk", "16", "--checkpoint-every", "2", "--rebalance-steps", "2",
+            "--batch", "2", "--seq-len", "32", "--chunk", "16", "--checkpoint-every", "2", "--calibrate-windows", "2",
+            "--calibrate-len", "32",
             "--lr", "0.05"]
     assert main(args + ["--steps", "2"]) == 0
     first = [json.loads(x) for x in (out / "tune_log.jsonl").read_text().splitlines()]
@@ -176,24 +177,35 @@ def test_tuned_checkpoint_loads_in_engine_and_transformers(tuned):
     torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=2e-4)
 
 
-def test_steps_0_only_rebalances_a_tuned_checkpoint(tuned, tmp_path):
-    """`--steps 0 --model <tuned>`: no GRPO step, only the bias re-balancing (with the given --bias-step);
-    the router weights stay as they were and only bias tensors differ from the tuned checkpoint."""
+def test_steps_0_only_balances_the_bias_of_a_tuned_checkpoint(tuned, tmp_path):
+    """`--steps 0 --model <tuned>`: no GRPO step, only the bias calibration; the router weights stay as
+    they were, only bias tensors differ, and the calibration windows come out evenly loaded."""
     from safetensors.torch import load_file
 
     from engine.__main__ import main
-    from engine.model.checkpoint import checkpoint_files
+    from engine.model.checkpoint import checkpoint_files, load_model
+    from engine.routing_stats import RoutingRecorder
+    from engine.train.tune_routing import default_ids, windows
 
     src, tuned_dir, _ = tuned
-    out = tmp_path / "rebalanced"
-    assert main(["tune-routing", "--model", str(tuned_dir), "--data", str(src.parent / "text.txt"), "--out", str(out),
-                 "--steps", "0", "--rebalance-steps", "3", "--bias-step", "0.01", "--batch", "2",
+    out = tmp_path / "balanced"
+    data = src.parent / "text.txt"
+    assert main(["tune-routing", "--model", str(tuned_dir), "--data", str(data), "--out", str(out),
+                 "--steps", "0", "--calibrate-windows", "8", "--calibrate-len", "64", "--batch", "2",
                  "--seq-len", "32", "--chunk", "16"]) == 0
     changed = check_only_routers_differ(tuned_dir, out)
     assert changed and all(k.endswith("e_score_correction_bias") for k in changed)
     check_only_routers_differ(src, out)
-    assert json.loads((out / "tuning.json").read_text())["settings"]["bias_step"] == 0.01
+    assert json.loads((out / "tuning.json").read_text())["settings"]["calibrate_windows"] == 8
     assert not (out / "tune_log.jsonl").read_text().strip()
+    tokens = windows(default_ids(out, str(data)), 8, 64, TuneSettings().seed + 1, 0)  # what it balanced on
+    loads = {}
+    for name, folder in (("before", tuned_dir), ("after", out)):
+        model = load_model(folder, device="cpu", dtype="float32")
+        with RoutingRecorder(model) as rec, torch.no_grad():
+            model(tokens)
+        loads[name] = rec.summary()["max_mean_load_worst"]
+    assert loads["after"] < 1.1 and loads["after"] < loads["before"], loads
     assert len(checkpoint_files(out)) == len(checkpoint_files(tuned_dir))
     assert load_file(str(checkpoint_files(out)[0])).keys() == load_file(str(checkpoint_files(tuned_dir)[0])).keys()
 

@@ -18,13 +18,14 @@ Advantages are normalized over the G rollouts of the same chunk; the objective i
 per routing decision plus β·KL(policy ‖ starting router) (exact, per token, over the first pick).
 Only the router weights are in the optimizer; the score-correction bias follows DeepSeek-V3's
 auxiliary-loss-free rule on the rollouts' loads after every step (learning it by reward would let the
-union fall by sending every token to the same few experts), and is re-balanced on deterministic
-routing after the GRPO steps, so load stays even. Those are the only tensors that change.
+union fall by sending every token to the same few experts). After the GRPO steps the bias is solved
+outright on deterministic routing of `calibrate_windows` windows (`calibrate_bias`): γ-sized steps
+stall short of balance once the routers have sharpened. Those are the only tensors that change.
 
 The output folder holds the input checkpoint with only `mlp.gate.weight` and
 `mlp.gate.e_score_correction_bias` replaced (checked before it is written), its config and tokenizer,
 tune_log.jsonl (one line per step), tuning.json, and tune_state/ (router tensors and optimizer state
-before re-balancing) to resume from, or to continue with more --steps.
+before the bias calibration) to resume from, or to continue with more --steps.
 """
 from __future__ import annotations
 
@@ -44,12 +45,13 @@ from safetensors.torch import load_file, save_file
 
 from engine.model.checkpoint import checkpoint_files, load_model, official_name
 from engine.model.transformer import Transformer
-from engine.routing import Router
+from engine.routing import Router, balancing_bias
 from engine.routing_stats import routing_entropy
 from engine.train.default_model import optimizer_tensors, restore_optimizer
 from engine.train.mtp_loss import lm_and_mtp_losses
 
 ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+AFTER_STEPS = ("steps", "calibrate_windows", "calibrate_len")  # settings a resumed run takes as given
 STATE, LOG = "tune_state", "tune_log.jsonl"  # STATE: a folder (its tensors are no model shard)
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")  # copied from --model to the output
@@ -74,8 +76,9 @@ class TuneSettings:
     lambda_union: float = 0.3
     seq_balance: float = 0.0  # α of DeepSeek-V3's sequence-wise balance loss in the policy objective (0: off)
     mtp_weight: float = 0.3
-    rebalance_steps: int = 60
-    bias_step: float = 1e-3  # γ: per step while tuning, shrinking to 0 over the re-balancing
+    calibrate_windows: int = 48  # windows the bias is balanced on after the GRPO steps (0: not at all)
+    calibrate_len: int = 512  # tokens per calibration window (at most the model's context)
+    bias_step: float = 1e-3  # γ of the bias update after each GRPO step
     seed: int = 0
     checkpoint_every: int = 20
 
@@ -391,17 +394,31 @@ def progress_bar(step: int, total: int, parts: dict, elapsed: float) -> str:
 
 
 @torch.no_grad()
-def rebalance(model: Transformer, ids: np.ndarray, s: TuneSettings) -> None:
-    """Auxiliary-loss-free bias balancing on deterministic routing, with a shrinking step."""
+@torch.no_grad()
+def calibrate_bias(model: Transformer, tokens: torch.Tensor) -> list[float]:
+    """Set every V3 router's bias to the one that balances its load on windows tokens [B, T], deterministic
+    routing, in one forward pass: a layer's bias is solved on the affinities of all the tokens (given the
+    layers before it, already balanced), then the tokens go on routed by it. Returns each router's
+    max/mean load on these tokens, in module order."""
+    loads = []
+
+    def route(router: Router, scores: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        if router.method == "noaux_tc":
+            bias, load = balancing_bias(router, scores)
+            router.bias.copy_(bias)
+            loads.append(load)
+            choice = router.mask_groups(scores + bias)
+        return choice.topk(router.top_k, dim=-1, sorted=False).indices
+
     routers = [r for _, r in routers_of(model)]
     for r in routers:
-        r.track_load(True)
-    for i in range(s.rebalance_steps):
-        lm_and_mtp_losses(model, windows(ids, 2 * s.batch, 2 * s.seq_len, s.seed + 1, i))
+        r.policy = route
+    try:
+        lm_and_mtp_losses(model, tokens)
+    finally:
         for r in routers:
-            r.balance_bias(s.bias_step * (1 - i / max(s.rebalance_steps, 1)))
-    for r in routers:
-        r.track_load(False)
+            r.policy = None
+    return loads
 
 
 def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | None = None,
@@ -425,7 +442,9 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
     opt = torch.optim.Adam(params, lr=s.lr)
     state = load_state(out, model, opt)
     if state is not None:
-        saved = {**state["settings"], "steps": s.steps}  # more (or fewer) steps may be asked for
+        known = {f.name for f in fields(TuneSettings)}  # a state from an older version may name others
+        saved = {k: v for k, v in state["settings"].items() if k in known}
+        saved |= {k: getattr(s, k) for k in AFTER_STEPS}  # what happens after the steps may change
         if saved != asdict(s):
             log(f"resuming with the saved settings (given ones differ): {saved}")
             s = TuneSettings(**saved)
@@ -461,9 +480,11 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
         r.track_load(False)
     for p in params:
         p.requires_grad_(False)
-    if s.rebalance_steps:
-        log(f"tune-routing: re-balancing the bias ({s.rebalance_steps} batches)")
-        rebalance(model, ids, s)
+    if s.calibrate_windows:
+        n = min(s.calibrate_len, model.cfg.max_position_embeddings, ids.size - 1)
+        log(f"tune-routing: balancing the bias on {s.calibrate_windows} windows of {n} tokens")
+        loads = calibrate_bias(model, windows(ids, s.calibrate_windows, n, s.seed + 1, 0))
+        log(f"tune-routing: max/mean load on them {max(loads, default=1.0):.3f} at worst")
     write_checkpoint(model, model_dir, out)
     (out / "tuning.json").write_text(json.dumps({"source": str(model_dir), "settings": asdict(s),
                                                  "steps_done": state["step"]}, indent=1))
