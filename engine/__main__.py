@@ -121,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
                              ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:
         r.add_argument(f"--{name}", type=kind, default=None, help=what or None)
 
+    rr = sub.add_parser("routing-report", help="a routing change judged before vs after on held-out text "
+                                               "(perplexity, routing statistics, MTP acceptance, bench speedups)")
+    rr.add_argument("--before", default=None, help="model folder before the change; default: the bundled model")
+    rr.add_argument("--after", required=True, help="model folder after it (e.g. engine tune-routing's --out)")
+    rr.add_argument("--text-file", required=True, help="held-out text")
+    rr.add_argument("--window", type=int, default=512, help="tokens scored per forward pass")
+    rr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    rr.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    rr.add_argument("--k", default="2,auto", help="comma-separated draft lengths to bench")
+    rr.add_argument("--max-tokens", type=int, default=128)
+    rr.add_argument("--repeat", type=int, default=3)
+    rr.add_argument("--no-bench", dest="bench", action="store_false", help="only the text figures")
+    rr.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    rr.add_argument("--json", dest="json_out", default=None, help="write the full report to this file")
+
     x = sub.add_parser("export-gguf", help="write the model as a GGUF file for llama.cpp (deepseek2)")
     x.add_argument("--model", default=None, help="model folder; default: the bundled model")
     x.add_argument("--out", required=True, help="the .gguf file to write")
@@ -344,6 +359,31 @@ def cmd_tune_routing(args) -> int:
     return 0
 
 
+def cmd_routing_report(args) -> int:
+    import torch
+
+    from engine.pretrained import BUNDLED_MODEL, load_pretrained
+    from engine.routing_report import format_report, report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    before, after = (load_pretrained(m, device=args.device, dtype=args.dtype)
+                     for m in (args.before or BUNDLED_MODEL, args.after))
+    ks = [k.strip() for k in args.k.split(",") if k.strip()]
+
+    def progress(done, total):
+        print(f"\rbench: {done}/{total} runs", end="", file=sys.stderr, flush=True)
+
+    r = report(before, after, Path(args.text_file).read_text(encoding="utf-8"), args.window, ks,
+               args.max_tokens, args.repeat, args.bench, progress)
+    if args.bench:
+        print(file=sys.stderr)
+    print(format_report(r))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(r, indent=1))
+    return 0
+
+
 def cmd_export_gguf(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is read from the folder; nothing downloads
     from engine.export.gguf import describe_gguf, export_gguf
@@ -400,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"generate": cmd_generate, "eval": cmd_eval, "bench": cmd_bench,
                 "train-default": cmd_train_default, "init-tiny": cmd_init_tiny,
                 "quantize": cmd_quantize, "tune-routing": cmd_tune_routing,
-                "export-gguf": cmd_export_gguf}[args.command](args)
+                "export-gguf": cmd_export_gguf, "routing-report": cmd_routing_report}[args.command](args)
     except (ModelLoadError, ChatTemplateError, ValueError, FileNotFoundError) as e:
         # A bad file or argument is the user's to fix: one clear line, no traceback.
         print(f"error: {e}", file=sys.stderr)

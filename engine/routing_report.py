@@ -1,0 +1,142 @@
+"""`python -m engine routing-report`: a routing change judged on held-out text, before against after.
+
+For two checkpoints of one model (typically the input and output of `engine tune-routing`):
+  text     perplexity and routing statistics of a text (engine.evaluate, engine.routing_stats), and the
+           MTP modules' teacher-forced acceptance on it (`mtp_acceptance`)
+  bench    decode speed with MTP speculation off and on, both models interleaved in one run (engine.bench,
+           greedy): speedups, acceptance per draft position, whether speculative output equals plain
+  checks   the routing-tuning targets: expert union per 4-token window at least 15% lower, perplexity at
+           most 2% higher, max/mean expert load at most 1.3, speculative output identical to plain
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.bench import BUILTIN_PROMPTS, configurations, run_bench
+from engine.evaluate import perplexity
+from engine.pretrained import Pretrained
+
+UNION_K = "3"  # a verification window of 4 tokens: 3 drafts and the token before them
+TARGETS = {"union_drop": 0.15, "perplexity_rise": 0.02, "max_mean_load": 1.3}
+
+
+@torch.inference_mode()
+def mtp_acceptance(model, ids: list[int], window: int = 512) -> list[float]:
+    """Teacher-forced acceptance of greedy MTP drafts over a text, per draft position (conditional: of
+    the positions whose earlier drafts all held, the share where this one does too).
+
+    At position i, depth d drafts token i+d+1 from the true tokens up to i+d; the draft holds when it is
+    the main model's greedy choice for that token given the same tokens. Decoding feeds the drafts
+    themselves instead of the text's tokens, so this is the text-side counterpart of the acceptance
+    `engine bench` measures on generated text. Windows of `window` tokens, scored independently."""
+    device = model.norm.weight.device
+    window = min(window, model.cfg.max_position_embeddings)
+    reached, held = [0] * len(model.mtp), [0] * len(model.mtp)
+    for start in range(0, max(len(ids) - 1, 1), window):
+        tokens = torch.tensor([ids[start:start + window]], device=device)
+        hidden = model(tokens)
+        main = model.logits(hidden)[0].argmax(-1)  # main[i]: greedy token i+1
+        T, alive = tokens.shape[1], None
+        for d in range(1, len(model.mtp) + 1):
+            n = T - d - 1  # positions i = 0..T-d-2 have token i+d+1 in the window
+            if n <= 0:
+                break
+            hidden = model.mtp_forward(d - 1, hidden[:, :n], tokens[:, d:d + n])
+            draft = model.mtp_logits(d - 1, hidden)[0].argmax(-1)
+            ok = draft == main[d:d + n]
+            alive = torch.ones_like(ok) if alive is None else alive[:n]
+            reached[d - 1] += int(alive.sum())
+            held[d - 1] += int((ok & alive).sum())
+            alive = alive & ok
+    return [h / r if r else None for h, r in zip(held, reached)]
+
+
+def text_figures(pre: Pretrained, text: str, window: int = 512) -> dict:
+    res = perplexity(pre, text, window=window, routing=True)
+    r = res["routing"]
+    if r is None:
+        raise ValueError(f"{pre.path} has no MoE layers: there is no routing to report on")
+    return {"perplexity": res["perplexity"], "tokens": res["tokens"],
+            "max_mean_load": r["max_mean_load"], "max_mean_load_worst": r["max_mean_load_worst"],
+            "cv": r["cv"], "entropy": r["entropy"], "expert_union": r["expert_union"],
+            "load_per_layer": [x["max_mean_load"] for x in r["layers"]],
+            "mtp_acceptance_per_position": mtp_acceptance(pre.model, pre.tokenizer.encode(text), window)}
+
+
+def bench_figures(before: Pretrained, after: Pretrained, ks: list[str], max_tokens: int, repeat: int,
+                  progress=None) -> dict:
+    """Both models' plain and MTP decoding in one interleaved run; per model and k: speedup over its own
+    plain decoding, acceptance per position, identical_to_off."""
+    models = {"before": before, "after": after}
+    configs = configurations(["off", "mtp"], ks, list(models))
+    result = run_bench(models, BUILTIN_PROMPTS, configs, max_tokens, repeat, progress)
+    out = {}
+    for name in models:
+        for c in configs:
+            if c.variant == name:
+                e = result["configs"][c.name]
+                out.setdefault(name, {})[c.name.removeprefix(f"{name} ")] = {
+                    k: e.get(k) for k in ("median_decode_tokens_per_s", "speedup", "min_prompt_speedup",
+                                          "mean_accepted_length", "acceptance_per_position", "identical_to_off")}
+    out["after_vs_before_plain"] = result["configs"]["after off"]["speedup_vs_first_variant_off"]
+    return out
+
+
+def checks(before: dict, after: dict, bench: dict | None) -> dict:
+    union_b, union_a = before["expert_union"][UNION_K], after["expert_union"][UNION_K]
+    out = {
+        "union_drop": {"value": 1 - union_a / union_b, "target": f">= {TARGETS['union_drop']}"},
+        "perplexity_rise": {"value": after["perplexity"] / before["perplexity"] - 1,
+                            "target": f"<= {TARGETS['perplexity_rise']}"},
+        "max_mean_load": {"value": after["max_mean_load"], "target": f"<= {TARGETS['max_mean_load']}"},
+    }
+    out["union_drop"]["met"] = out["union_drop"]["value"] >= TARGETS["union_drop"]
+    out["perplexity_rise"]["met"] = out["perplexity_rise"]["value"] <= TARGETS["perplexity_rise"]
+    out["max_mean_load"]["met"] = out["max_mean_load"]["value"] <= TARGETS["max_mean_load"]
+    if bench is not None:
+        same = all(e["identical_to_off"] for k, e in bench["after"].items() if k != "off")
+        out["speculative_identical"] = {"value": same, "target": "true", "met": same}
+    return out
+
+
+def report(before: Pretrained, after: Pretrained, text: str, window: int = 512, ks=("2", "auto"),
+           max_tokens: int = 128, repeat: int = 3, bench: bool = True, progress=None) -> dict:
+    if before.cfg.n_routed_experts != after.cfg.n_routed_experts or before.cfg.vocab_size != after.cfg.vocab_size:
+        raise ValueError("the two checkpoints are not the same model (experts or vocabulary differ)")
+    if before.tokenizer is None or after.tokenizer is None:
+        raise ValueError("both model folders need their tokenizer.json to read the text")
+    if bench and not (before.model.mtp and after.model.mtp):
+        raise ValueError("both models need MTP modules to bench speculative decoding (or give --no-bench)")
+    figures = {"before": text_figures(before, text, window), "after": text_figures(after, text, window)}
+    speed = bench_figures(before, after, list(ks), max_tokens, repeat, progress) if bench else None
+    return {"models": {"before": str(before.path), "after": str(after.path)}, "text": figures,
+            "bench": speed, "checks": checks(figures["before"], figures["after"], speed)}
+
+
+def format_report(r: dict) -> str:
+    b, a = r["text"]["before"], r["text"]["after"]
+
+    def acc(v):
+        return "/".join("-" if x is None else f"{x:.2f}" for x in v) or "-"
+    rows = [("perplexity", f"{b['perplexity']:.3f}", f"{a['perplexity']:.3f}"),
+            ("expert union per 4-token window", f"{b['expert_union'][UNION_K]:.3f}", f"{a['expert_union'][UNION_K]:.3f}"),
+            ("max/mean load (worst layer)", f"{b['max_mean_load']:.3f} ({b['max_mean_load_worst']:.2f})",
+             f"{a['max_mean_load']:.3f} ({a['max_mean_load_worst']:.2f})"),
+            ("routing entropy, nats", f"{b['entropy']:.3f}", f"{a['entropy']:.3f}"),
+            ("MTP acceptance per position (text)", acc(b["mtp_acceptance_per_position"]),
+             acc(a["mtp_acceptance_per_position"]))]
+    if r["bench"]:
+        for cfg, e in r["bench"]["before"].items():
+            if cfg != "off":
+                ea = r["bench"]["after"][cfg]
+                rows.append((f"bench {cfg}: speedup, acceptance",
+                             f"{e['speedup']:.2f}x {acc(e['acceptance_per_position'])}",
+                             f"{ea['speedup']:.2f}x {acc(ea['acceptance_per_position'])}"))
+    width = max(len(x[0]) for x in rows)
+    lines = [f"{'':<{width}}  {'before':>26}  {'after':>26}"]
+    lines += [f"{n:<{width}}  {x:>26}  {y:>26}" for n, x, y in rows]
+    for name, c in r["checks"].items():
+        v = c["value"]
+        lines.append(f"check {name}: {v if isinstance(v, bool) else round(v, 4)} (target {c['target']}): "
+                     f"{'met' if c['met'] else 'NOT met'}")
+    return "\n".join(lines)
