@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("lambda-union", float, "weight of the expert union per window"),
                              ("seq-balance", float, "α of DeepSeek-V3's sequence-wise balance loss (default 0: off)"),
                              ("bias-step", float, "bias step γ after each GRPO step"),
-                             ("calibrate-windows", int, "windows the bias is then balanced on (default 48; 0: none)"),
+                             ("calibrate-windows", int, "windows the bias is then balanced on (default 64; 0: none)"),
                              ("calibrate-len", int, "tokens per calibration window (default 512)"),
                              ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:
         r.add_argument(f"--{name}", type=kind, default=None, help=what or None)

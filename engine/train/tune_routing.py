@@ -76,7 +76,7 @@ class TuneSettings:
     lambda_union: float = 0.3
     seq_balance: float = 0.0  # α of DeepSeek-V3's sequence-wise balance loss in the policy objective (0: off)
     mtp_weight: float = 0.3
-    calibrate_windows: int = 48  # windows the bias is balanced on after the GRPO steps (0: not at all)
+    calibrate_windows: int = 64  # windows the bias is balanced on after the GRPO steps (0: not at all)
     calibrate_len: int = 512  # tokens per calibration window (at most the model's context)
     bias_step: float = 1e-3  # γ of the bias update after each GRPO step
     seed: int = 0
@@ -413,8 +413,13 @@ def calibrate_bias(model: Transformer, tokens: torch.Tensor) -> list[float]:
     routers = [r for _, r in routers_of(model)]
     for r in routers:
         r.policy = route
-    try:
-        lm_and_mtp_losses(model, tokens)
+    try:  # the main layers, then each MTP depth on the positions lm_and_mtp_losses trains it on; no logits
+        hidden = model(tokens)
+        for d in range(len(model.mtp)):
+            n = tokens.shape[1] - d - 2
+            if n <= 0:
+                break
+            hidden = model.mtp_forward(d, hidden[:, :n], tokens[:, d + 1:d + 1 + n])
     finally:
         for r in routers:
             r.policy = None
