@@ -16,21 +16,29 @@ def lm_and_mtp_losses(model: Transformer, tokens: torch.Tensor, reduction: str =
     main [B, T-1] (position i predicts token i+1) and depth k [B, T-k-1] (position i).
     """
     hidden = model(tokens)  # [B, T, H], causal attention, no cache
-    B, T = tokens.shape
+    B = tokens.shape[0]
 
     def ce(logits, targets):
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
         return loss if reduction == "mean" else loss.view(B, -1)
 
     lm = ce(model.logits(hidden[:, :-1]), tokens[:, 1:])
-    mtp = []
+    mtp = [ce(model.mtp_logits(k - 1, h), tokens[:, k + 1:k + 1 + h.shape[1]])
+           for k, h in mtp_hidden_states(model, hidden, tokens)]
+    return lm, mtp
+
+
+def mtp_hidden_states(model: Transformer, hidden: torch.Tensor, tokens: torch.Tensor):
+    """Teacher-forced MTP depths from the main hidden states [B, T, H] of tokens [B, T]: yields (k, depth k's
+    hidden states [B, T-k-1, H]) for k = 1..D, position i combining depth k-1's state at i with the
+    embedding of token i+k (it predicts token i+k+1). Stops at the first depth with no position left."""
+    T = tokens.shape[1]
     for k in range(1, len(model.mtp) + 1):
         n = T - k - 1  # positions i = 0..T-k-2
         if n <= 0:
-            break
+            return
         hidden = model.mtp_forward(k - 1, hidden[:, :n], tokens[:, k:k + n])
-        mtp.append(ce(model.mtp_logits(k - 1, hidden), tokens[:, k + 1:k + 1 + n]))
-    return lm, mtp
+        yield k, hidden
 
 
 def mtp_training_loss(model: Transformer, tokens: torch.Tensor, mtp_weight: float = 0.3) -> tuple[torch.Tensor, dict]:

@@ -48,7 +48,7 @@ from engine.model.transformer import Transformer
 from engine.routing import Router, balancing_bias
 from engine.routing_stats import routing_entropy
 from engine.train.default_model import optimizer_tensors, restore_optimizer
-from engine.train.mtp_loss import lm_and_mtp_losses
+from engine.train.mtp_loss import lm_and_mtp_losses, mtp_hidden_states
 
 ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
 AFTER_STEPS = ("steps", "calibrate_windows", "calibrate_len")  # settings a resumed run takes as given
@@ -394,7 +394,6 @@ def progress_bar(step: int, total: int, parts: dict, elapsed: float) -> str:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def calibrate_bias(model: Transformer, tokens: torch.Tensor) -> list[float]:
     """Set every V3 router's bias to the one that balances its load on windows tokens [B, T], deterministic
     routing, in one forward pass: a layer's bias is solved on the affinities of all the tokens (given the
@@ -413,13 +412,9 @@ def calibrate_bias(model: Transformer, tokens: torch.Tensor) -> list[float]:
     routers = [r for _, r in routers_of(model)]
     for r in routers:
         r.policy = route
-    try:  # the main layers, then each MTP depth on the positions lm_and_mtp_losses trains it on; no logits
-        hidden = model(tokens)
-        for d in range(len(model.mtp)):
-            n = tokens.shape[1] - d - 2
-            if n <= 0:
-                break
-            hidden = model.mtp_forward(d, hidden[:, :n], tokens[:, d + 1:d + 1 + n])
+    try:  # the main layers, then each MTP depth on the positions it is trained on; no logits
+        for _ in mtp_hidden_states(model, model(tokens), tokens):
+            pass
     finally:
         for r in routers:
             r.policy = None
