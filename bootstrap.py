@@ -32,6 +32,7 @@ TORCH = os.environ.get("MOEDESK_TORCH", "torch==2.13.0")
 # matching triton; only where it is missing (CPU builds, on Linux where triton has wheels) is it added.
 TRITON = os.environ.get("MOEDESK_TRITON", "triton==3.9.0")
 EXTRAS = {"app": "", "test": "[test]", "setup": "[test]"}
+SATISFIES = {"": ("", "[test]"), "[test]": ("[test]",)}  # a test install has everything the app needs
 QT_TEST_ENV = {"QT_QPA_PLATFORM": "offscreen"}  # the GUI tests run without a screen
 
 
@@ -47,7 +48,22 @@ def install_key(extras: str) -> str:
 
 
 def need_install(extras: str) -> bool:
-    return install_key(extras) not in (STAMP.read_text().split() if STAMP.exists() else [])
+    done = STAMP.read_text().split() if STAMP.exists() else []
+    return not any(install_key(e) in done for e in SATISFIES[extras])
+
+
+BAD_PYSIDE = ("6.12.0",)  # see desktop/qt_binding.py; pyproject.toml excludes them
+QT_PACKAGES = ["PySide6", "PySide6_Essentials", "PySide6_Addons", "PySide6_Pdf", "PySide6_WebEngine", "shiboken6"]
+
+
+def remove_bad_qt(pip: list) -> None:
+    """A known-bad PySide6 is removed with all its parts before installing: a downgrade would leave the
+    newer release's extra wheels (PySide6_Pdf, PySide6_WebEngine) mixed into the older Qt."""
+    code = "import importlib.metadata as m; print(m.version('PySide6'))"
+    version = subprocess.run([str(PY), "-c", code], capture_output=True, text=True).stdout.strip()
+    if version in BAD_PYSIDE:
+        print(f"removing PySide6 {version} (it aborts the app on Python < 3.12)", flush=True)
+        run([PY, "-m", "pip", "uninstall", "-y", *QT_PACKAGES])
 
 
 def install(extras: str) -> None:
@@ -56,11 +72,13 @@ def install(extras: str) -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     if not need_install(extras):
         return
+    key = install_key(extras)  # of what is installed now, even if pyproject.toml changes meanwhile
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check"]
     if subprocess.call([str(PY), "-c", "import torch"], stderr=subprocess.DEVNULL) != 0:
         index = os.environ.get("MOEDESK_TORCH_INDEX_URL")
         if run(pip + [TORCH] + (["--index-url", index] if index else [])) != 0:
             sys.exit("could not install torch; set MOEDESK_TORCH / MOEDESK_TORCH_INDEX_URL and retry")
+    remove_bad_qt(pip)
     if run(pip + ["-e", f".{extras}"]) != 0:
         sys.exit("could not install moedesk's dependencies")
     if subprocess.call([str(PY), "-c", "import llama_cpp"], stderr=subprocess.DEVNULL) != 0:
@@ -74,7 +92,51 @@ def install(extras: str) -> None:
         if run(pip + [TRITON]) != 0:
             print("could not install triton: the kernel tests will be skipped", flush=True)
     old = STAMP.read_text() if STAMP.exists() else ""
-    STAMP.write_text(old + install_key(extras) + "\n")
+    STAMP.write_text(old + key + "\n")
+
+
+# Qt's xcb platform plugin links these system libraries; minimal Debian/Ubuntu images lack some.
+QT_XCB_PACKAGES = {
+    "libxcb-cursor.so.0": "libxcb-cursor0", "libxcb-icccm.so.4": "libxcb-icccm4",
+    "libxcb-keysyms.so.1": "libxcb-keysyms1", "libxcb-image.so.0": "libxcb-image0",
+    "libxcb-render-util.so.0": "libxcb-render-util0", "libxcb-randr.so.0": "libxcb-randr0",
+    "libxcb-shape.so.0": "libxcb-shape0", "libxcb-xfixes.so.0": "libxcb-xfixes0", "libxcb-xkb.so.1": "libxcb-xkb1",
+    "libxcb-sync.so.1": "libxcb-sync1", "libxcb-shm.so.0": "libxcb-shm0", "libxcb-render.so.0": "libxcb-render0",
+    "libxcb-util.so.1": "libxcb-util1", "libxcb.so.1": "libxcb1", "libxkbcommon.so.0": "libxkbcommon0",
+    "libxkbcommon-x11.so.0": "libxkbcommon-x11-0", "libX11-xcb.so.1": "libx11-xcb1", "libX11.so.6": "libx11-6",
+    "libGL.so.1": "libgl1", "libEGL.so.1": "libegl1", "libOpenGL.so.0": "libopengl0",
+    "libfontconfig.so.1": "libfontconfig1", "libfreetype.so.6": "libfreetype6", "libdbus-1.so.3": "libdbus-1-3",
+    "libglib-2.0.so.0": "libglib2.0-0", "libgthread-2.0.so.0": "libglib2.0-0",
+}
+
+
+def missing_qt_libraries() -> list[str]:
+    """Shared libraries Qt's xcb plugin needs that the system lacks (Linux, windowed start only)."""
+    if not sys.platform.startswith("linux") or os.environ.get("QT_QPA_PLATFORM", "xcb").split(":")[0] != "xcb":
+        return []
+    where = subprocess.run([str(PY), "-c", "import PySide6, os; print(os.path.dirname(PySide6.__file__))"],
+                           capture_output=True, text=True).stdout.strip()
+    plugin = Path(where) / "Qt" / "plugins" / "platforms" / "libqxcb.so"
+    if not plugin.is_file():
+        return []
+    try:
+        out = subprocess.run(["ldd", str(plugin)], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []  # no ldd: let Qt report what it misses
+    return sorted({line.split()[0] for line in out.splitlines() if "not found" in line})
+
+
+def qt_library_advice(missing: list[str]) -> str:
+    packages = sorted({QT_XCB_PACKAGES[m] for m in missing if m in QT_XCB_PACKAGES})
+    unknown = [m for m in missing if m not in QT_XCB_PACKAGES]
+    lines = ["Qt cannot open a window: these system libraries are missing: " + ", ".join(missing)]
+    if packages:
+        lines.append("On Debian/Ubuntu install them with:\n    sudo apt-get install -y " + " ".join(packages))
+    if unknown:
+        lines.append("Find the package that provides " + ", ".join(unknown) + " with your distribution's "
+                     "package search (e.g. `apt-file search NAME`, `dnf provides '*/NAME'`).")
+    lines.append("(Without a screen, QT_QPA_PLATFORM=offscreen runs moedesk headless.)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -87,6 +149,10 @@ def main(argv: list[str]) -> int:
     if command == "test":
         return run([PY, "-m", "pytest", "-q", *argv[1:]], env=dict(env, **QT_TEST_ENV))
     if command == "app":
+        missing = missing_qt_libraries()
+        if missing:
+            print(qt_library_advice(missing), file=sys.stderr)
+            return 1
         return run([PY, "-m", "desktop", *argv[1:]], env=env)
     return 0
 

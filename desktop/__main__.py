@@ -26,17 +26,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m desktop", description="moedesk")
     parser.add_argument("--model", default=None, help="model folder or .gguf file to load")
     parser.add_argument("--screenshot", default=None, help="render the main window to this PNG and exit")
+    parser.add_argument("--theme", choices=("system", "light", "dark"), default=None,
+                        help="colours (default: the saved choice, else the system's)")
     args = parser.parse_args(argv)
 
-    from PySide6.QtWidgets import QApplication
+    from PySide6.QtWidgets import QApplication, QMessageBox
+
+    from desktop.qt_binding import immortal_singletons, problem, refcount_probe
+
+    app = QApplication(sys.argv[:1])
+    app.setApplicationName("moedesk")
+    why = problem(None if immortal_singletons() else refcount_probe(20))  # a short probe: ~200 Qt calls
+    if why:
+        print(why, file=sys.stderr)
+        if not args.screenshot:
+            QMessageBox.critical(None, "moedesk cannot start", why)
+        return 3
 
     from desktop.chat import ChatSession
     from desktop.main_window import MainWindow
     from desktop.store import Store
+    from desktop.theme import apply_theme
 
-    app = QApplication(sys.argv[:1])
-    app.setApplicationName("moedesk")
     store = Store()
+    apply_theme(app, args.theme or store.get_setting("theme", "system"))
+    app.styleHints().colorSchemeChanged.connect(  # "system" follows the desktop when it switches
+        lambda _: args.theme is None and store.get_setting("theme", "system") == "system" and apply_theme(app, "system"))
     if args.screenshot:
         if store.conversations():
             show = store.conversations()[0]["id"]

@@ -2,10 +2,12 @@
 
 It owns the store and the worker client. The user message is committed before generation starts;
 the reply is committed as `streaming` at once, its text every second while it streams, and finally
-with its stats and status. Repaints are batched to at most ~30 per second.
+with its stats and status. The view gets only the text that is new since its last update, at most
+~20 times a second, so an update costs the same however long the reply already is.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -17,14 +19,32 @@ from engine.paths import BUNDLED_MODEL
 from engine.protocol import (Cancel, ChatMessage, Done, Error, Generate, GenerateParams, Load, Loaded, Progress,
                              Speculative, Token)
 
-REPAINT_MS = 33
+REPAINT_MS = 50
 SAVE_EVERY_S = 1.0
+TITLE_CHARS = 40
 FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "cancelled", "error": "error"}
 MODE_NAMES = {"off": "Speculation off", "mtp": "MTP speculation", "lookup": "Prompt lookup", "draft": "Draft model"}
 
 
+def auto_title(text: str, taken: list[str] = ()) -> str:
+    """A chat's title from its first message: the first words, cut at a word boundary, made distinct
+    from the titles already taken (so two chats that start alike still read apart in the sidebar)."""
+    words = re.sub(r"\s+", " ", text).strip()
+    if len(words) > TITLE_CHARS:
+        cut = words[:TITLE_CHARS + 1].rsplit(" ", 1)[0] if " " in words[:TITLE_CHARS + 1] else words[:TITLE_CHARS]
+        words = cut.rstrip(" ,.;:-") + "…"
+    title, n = words or "New chat", 2
+    while title in taken:
+        title, n = f"{words} ({n})", n + 1
+    return title
+
+
 def backend_for(path: str) -> str:
     return "llamacpp" if path.lower().endswith(".gguf") else "native"
+
+
+def model_name(path: str) -> str:
+    return path.rstrip("/\\").replace("\\", "/").split("/")[-1] or path
 
 
 def speculative_modes(model: dict | None) -> list[str]:
@@ -61,19 +81,50 @@ class Stream:
     """A reply being generated."""
     request_id: str
     message_id: str | None  # None for comparison runs, which are not chat messages
+    prefix: str = ""  # the kept text a continued reply goes on from
     text: str = ""
     accepted: list[tuple[int, int]] = field(default_factory=list)  # char spans from accepted drafts
+    earlier_stats: dict | None = None  # a continued reply's stats so far
     started: float = field(default_factory=time.monotonic)
     timeline: list[tuple[float, int]] = field(default_factory=list)  # (seconds, tokens so far)
+    pending: list[tuple[str, bool]] = field(default_factory=list)  # (text, from an accepted draft), not shown yet
     saved_at: float = field(default_factory=time.monotonic)
-    dirty: bool = False
+
+    def __post_init__(self) -> None:
+        self.text = self.text or self.prefix
 
     def add(self, tok: Token) -> None:
         if tok.accepted and tok.text:
             self.accepted.append((len(self.text), len(self.text) + len(tok.text)))
         self.text += tok.text
+        self.pending.append((tok.text, tok.accepted))
         self.timeline.append((time.monotonic() - self.started, len(self.timeline) + 1))
-        self.dirty = True
+
+    def take_pending(self) -> list[tuple[str, bool]]:
+        pieces, self.pending = self.pending, []
+        return pieces
+
+    def live_speed(self) -> float | None:
+        elapsed = self.timeline[-1][0] - self.timeline[0][0] if len(self.timeline) > 1 else 0
+        return (len(self.timeline) - 1) / elapsed if elapsed > 0 else None
+
+    def measured_stats(self) -> dict:
+        """What the GUI saw itself, for a reply that never got its `done` (the worker died)."""
+        if not self.timeline:
+            return {"generated_tokens": 0}
+        return {"time_to_first_token_s": round(self.timeline[0][0], 4), "generated_tokens": len(self.timeline),
+                "decode_tokens_per_s": self.live_speed(), "measured_by": "gui"}
+
+    def final_stats(self, stats: dict) -> dict:
+        """The worker's stats; a continued reply's add up with the earlier part's."""
+        stats = dict(stats, accepted_spans=self.accepted)
+        if self.earlier_stats is None:
+            return stats
+        earlier = {k: v for k, v in self.earlier_stats.items() if k not in ("accepted_spans", "segments")}
+        segments = self.earlier_stats.get("segments") or [earlier]
+        now = {k: v for k, v in stats.items() if k != "accepted_spans"}
+        total = sum(seg.get("generated_tokens") or 0 for seg in segments) + (stats.get("generated_tokens") or 0)
+        return dict(stats, generated_tokens=total, segments=[*segments, now], continued=True)
 
 
 class ChatSession(QObject):
@@ -81,8 +132,8 @@ class ChatSession(QObject):
     """The list of conversations changed."""
     sig_thread = Signal()
     """The shown conversation or its active branch changed: redraw it."""
-    sig_stream = Signal(str, str, object)
-    """(message id, text so far, accepted spans): a streaming reply grew."""
+    sig_stream = Signal(str, object)
+    """(message id, [(text, accepted), ...]): a streaming reply grew by these pieces."""
     sig_busy = Signal(bool)
     """A reply started (True) or ended (False)."""
     sig_model = Signal(object)
@@ -91,8 +142,10 @@ class ChatSession(QObject):
     """Loading progress."""
     sig_notice = Signal(str, str)
     """(level, text): something the user should read: "error", "worker_died", "info"."""
-    sig_live_speed = Signal(float)
-    """Tokens per second of the reply streaming now."""
+    sig_live_speed = Signal(object)
+    """Tokens per second of the reply streaming now; None clears it."""
+    sig_status = Signal(str)
+    """What the worker is doing, in words: starting, loading a model, generating, ready, crashed."""
     sig_compare = Signal(object)
     """A finished comparison (dict with off/on runs, speedup, identical)."""
     sig_expert_load = Signal(object)
@@ -106,7 +159,8 @@ class ChatSession(QObject):
                                     if k in Settings.__dataclass_fields__})
         self.conversation_id: str | None = None
         self.model: dict | None = None
-        self.model_path: str | None = None
+        self.model_path: str | None = None  # the loaded model's (or, at start, the one to load)
+        self.loading: str | None = None  # the model being loaded now; the loaded one serves until it is ready
         self.load_on_ready = False
         self.stream: Stream | None = None
         self.compare_runs: dict | None = None
@@ -116,7 +170,9 @@ class ChatSession(QObject):
         self.repaint = QTimer(self)
         self.repaint.setInterval(REPAINT_MS)
         self.repaint.timeout.connect(self.flush_stream)
-        self.interrupted_at_start = store.mark_interrupted()  # replies a crash cut off; the window says so
+        # Replies a crash cut off: the window says so and opens the chat it happened in.
+        self.reopen = store.streaming_conversation() or store.get_setting("last_conversation")
+        self.interrupted_at_start = store.mark_interrupted()
 
     # ---- worker and model ----
 
@@ -130,11 +186,30 @@ class ChatSession(QObject):
         if state == WorkerState.READY and self.load_on_ready and self.model_path:
             self.load_on_ready = False
             self.load_model(self.model_path)
+        self.emit_status()
+
+    def status_text(self) -> str:
+        state = self.worker.state
+        if state == WorkerState.CRASHED:
+            return "worker stopped unexpectedly"
+        if state == WorkerState.STOPPED:
+            return "worker stopped"
+        if state == WorkerState.STARTING:
+            return "starting the worker…"
+        if self.loading:
+            return f"loading {model_name(self.loading)}…"
+        if self.stream is not None:
+            return "generating"
+        return "ready" if self.model else "no model loaded"
+
+    def emit_status(self) -> None:
+        self.sig_status.emit(self.status_text())
 
     def load_model(self, path: str) -> None:
-        self.model_path = path
-        self.model = None
-        self.sig_model.emit(None)
+        """Load `path`; the model loaded now stays loaded (and in use) until the new one is ready."""
+        if self.busy():
+            self.sig_notice.emit("info", "Wait for the reply to finish (or stop it) before loading a model.")
+            return
         backend = backend_for(path)
         quant = self.settings.quant if backend == "native" and self.settings.quant != "none" else None
         # The draft model is loaded beside the main one, so only when its mode is chosen: a bad draft
@@ -143,9 +218,12 @@ class ChatSession(QObject):
         draft = (self.settings.draft_model or None) if wants_draft else None
         if not self.worker.send(Load(path=path, backend=backend, quant=quant, draft=draft)):
             self.sig_notice.emit("error", "The model worker is not running.")
+            return
+        self.loading = path
+        self.emit_status()
 
     def restart_worker(self) -> None:
-        self.model = None
+        self.model, self.loading = None, None
         self.sig_model.emit(None)
         self.load_on_ready = True
         self.worker.restart()
@@ -176,12 +254,16 @@ class ChatSession(QObject):
 
     def new_conversation(self) -> str:
         self.conversation_id = self.store.create_conversation()
+        self.store.set_setting("last_conversation", self.conversation_id)
         self.sig_conversations.emit()
         self.sig_thread.emit()
         return self.conversation_id
 
     def open_conversation(self, cid: str) -> None:
+        if self.store.conversation(cid) is None:
+            return
         self.conversation_id = cid
+        self.store.set_setting("last_conversation", cid)
         self.sig_thread.emit()
 
     def delete_conversation(self, cid: str) -> None:
@@ -215,13 +297,30 @@ class ChatSession(QObject):
     def busy(self) -> bool:
         return self.stream is not None
 
-    def can_send(self) -> bool:
-        return self.model is not None and not self.busy() and self.worker.state == WorkerState.READY
+    def cannot_send(self) -> str | None:
+        """Why a message cannot be sent now (shown to the user), or None."""
+        if self.busy():
+            return "A reply is still being generated; stop it (Esc) or wait for it to finish."
+        if self.worker.state in (WorkerState.CRASHED, WorkerState.STOPPED):
+            return "The model worker is not running; restart it first."
+        if self.loading:
+            return f"{model_name(self.loading)} is still loading; send when it is ready."
+        if self.model is None:
+            return "No model is loaded yet. Open one with Model → Open model folder… or Open .gguf file…"
+        return None
+
+    def refuse(self) -> bool:
+        """Tell the user why nothing can be sent now; True if so."""
+        why = self.cannot_send()
+        if why:
+            self.sig_notice.emit("info", why)
+        return why is not None
 
     def send(self, text: str) -> str | None:
-        """Commit the user's message, then ask for a reply. Returns the reply's message id."""
+        """Commit the user's message, then ask for a reply. Returns the reply's message id, or None
+        (nothing stored, the text stays with the caller) when no reply can be generated now."""
         text = text.strip()
-        if not text or self.busy():
+        if not text or self.refuse():
             return None
         if self.conversation_id is None:
             self.new_conversation()
@@ -229,27 +328,44 @@ class ChatSession(QObject):
         parent = thread[-1]["id"] if thread else None
         user = self.store.add_message(self.conversation_id, "user", text, parent=parent)
         if not thread:
-            self.store.rename_conversation(self.conversation_id, text[:48])
+            taken = [c["title"] for c in self.store.conversations() if c["id"] != self.conversation_id]
+            self.store.rename_conversation(self.conversation_id, auto_title(text, taken))
             self.sig_conversations.emit()
         return self.reply_to(user)
 
     def regenerate(self, assistant_id: str) -> str | None:
         m = self.store.message(assistant_id)
-        return self.reply_to(m["parent_id"]) if m and m["parent_id"] and not self.busy() else None
+        if not m or not m["parent_id"] or self.refuse():
+            return None
+        return self.reply_to(m["parent_id"])
 
     def edit(self, user_id: str, text: str) -> str | None:
         """A new version of a user message (its sibling), then a reply to it; the old branch stays."""
         m = self.store.message(user_id)
-        if m is None or self.busy() or not text.strip():
+        if m is None or not text.strip() or self.refuse():
             return None
         new = self.store.add_message(self.conversation_id, "user", text.strip(), parent=m["parent_id"])
         return self.reply_to(new)
 
+    def can_continue(self, message: dict) -> bool:
+        return (message["role"] == "assistant" and message["status"] in ("interrupted", "cancelled", "error")
+                and bool(message["content"]))
+
+    def continue_reply(self, assistant_id: str) -> bool:
+        """Generate more of a cut-off reply, from its kept text, into the same message."""
+        m = self.store.message(assistant_id)
+        if m is None or not self.can_continue(m) or self.refuse():
+            return False
+        history = self.store.thread(assistant_id)  # ends with the partial reply, which the model continues
+        self.store.finish_message(assistant_id, m["content"], "streaming", m["stats"])
+        self.sig_thread.emit()
+        stream = Stream(request_id=f"{assistant_id}-{time.monotonic_ns()}", message_id=assistant_id,
+                        prefix=m["content"], accepted=list(map(tuple, m["stats"].get("accepted_spans", []))),
+                        earlier_stats=m["stats"])
+        self.begin(stream, history, self.settings.params(self.chat_mode()), continue_final_message=True)
+        return True
+
     def reply_to(self, user_id: str) -> str | None:
-        if self.model is None:
-            self.sig_notice.emit("error", "No model is loaded yet.")
-            self.sig_thread.emit()
-            return None
         history = self.store.thread(user_id)
         mid = self.store.add_message(self.conversation_id, "assistant", "", parent=user_id, status="streaming",
                                      model=self.model.get("name"), settings=vars(self.settings))
@@ -261,14 +377,18 @@ class ChatSession(QObject):
         msgs = [ChatMessage(role="system", content=self.settings.system_prompt)] if self.settings.system_prompt else []
         return msgs + [ChatMessage(role=m["role"], content=m["content"]) for m in history]
 
-    def begin(self, stream: Stream, history: list[dict], params: GenerateParams) -> None:
+    def begin(self, stream: Stream, history: list[dict], params: GenerateParams,
+              continue_final_message: bool = False) -> None:
         self.stream = stream
-        ok = self.worker.send(Generate(id=stream.request_id, messages=self.messages_for(history), params=params))
+        ok = self.worker.send(Generate(id=stream.request_id, messages=self.messages_for(history), params=params,
+                                       continue_final_message=continue_final_message))
         if not ok:
             self.end_stream("error", {}, "The model worker is not running.")
             return
         self.repaint.start()
+        self.sig_live_speed.emit(None)
         self.sig_busy.emit(True)
+        self.emit_status()
 
     def stop(self) -> None:
         if self.stream is not None:
@@ -280,61 +400,71 @@ class ChatSession(QObject):
         if isinstance(ev, Token) and self.stream and ev.id == self.stream.request_id:
             self.stream.add(ev)
         elif isinstance(ev, Done) and self.stream and ev.id == self.stream.request_id:
-            self.stream.text = ev.text
+            self.stream.text = self.stream.prefix + ev.text
             self.end_stream(FINISH_STATUS.get(ev.finish_reason, "complete"), ev.stats)
         elif isinstance(ev, Progress):
             self.sig_progress.emit(ev.stage, ev.fraction)
         elif isinstance(ev, Loaded):
-            self.model = ev.model
+            self.model, self.model_path, self.loading = ev.model, self.loading or self.model_path, None
             self.store.set_setting("last_model", self.model_path)
             recent = [p for p in self.store.get_setting("recent_models", []) if p != self.model_path]
             self.store.set_setting("recent_models", [self.model_path, *recent][:8])
             self.sig_model.emit(ev.model)
+            self.emit_status()
+        elif isinstance(ev, Error) and ev.id is None and self.loading:
+            failed, self.loading = self.loading, None
+            still = f" {self.model['name']} stays loaded." if self.model else ""
+            self.sig_notice.emit("error", f"Could not load {model_name(failed)}: {ev.message} ({ev.code}).{still}")
+            self.sig_model.emit(self.model)  # the picker shows the model still in use
+            self.emit_status()
         elif isinstance(ev, Error):
             # For our reply a `done` (finish_reason "error") follows and closes it; the notice says why.
             self.sig_notice.emit("error", f"{ev.message} ({ev.code})")
 
     def flush_stream(self) -> None:
         s = self.stream
-        if s is None or not s.dirty:
+        if s is None or not s.pending:
             return
-        s.dirty = False
-        elapsed = s.timeline[-1][0] - s.timeline[0][0] if len(s.timeline) > 1 else 0
-        if elapsed > 0:
-            self.sig_live_speed.emit((len(s.timeline) - 1) / elapsed)
+        pieces = s.take_pending()
+        speed = s.live_speed()
+        if speed is not None:
+            self.sig_live_speed.emit(speed)
         if s.message_id is None:
             return
-        self.sig_stream.emit(s.message_id, s.text, list(s.accepted))
+        self.sig_stream.emit(s.message_id, pieces)
         if time.monotonic() - s.saved_at >= SAVE_EVERY_S:
             self.store.update_content(s.message_id, s.text)
             s.saved_at = time.monotonic()
 
     def end_stream(self, status: str, stats: dict, notice: str | None = None) -> None:
+        self.flush_stream()  # the last pieces too, before the finished message is drawn
         s, self.stream = self.stream, None
         self.repaint.stop()
         if s is None:
             return
-        stats = dict(stats, accepted_spans=s.accepted)
+        stats = s.final_stats(stats)
         if s.message_id is not None:
             self.store.finish_message(s.message_id, s.text, status, stats)
             self.store.touch(self.conversation_id)
-            self.sig_stream.emit(s.message_id, s.text, list(s.accepted))
             self.sig_thread.emit()
         if stats.get("expert_load"):
             self.sig_expert_load.emit(stats["expert_load"])
         self.sig_busy.emit(False)
+        self.emit_status()
         if notice:
             self.sig_notice.emit("error", notice)
         if self.compare_runs is not None:
             self.compare_step(s, stats)
 
     def on_worker_died(self, text: str) -> None:
-        self.model = None
+        self.model, self.loading = None, None
         self.sig_model.emit(None)
         if self.stream is not None:
             self.compare_runs = None
-            self.end_stream("interrupted", {})
+            self.end_stream("interrupted", self.stream.measured_stats())
+        self.sig_live_speed.emit(None)
         self.sig_notice.emit("worker_died", text)
+        self.emit_status()
 
     # ---- speed comparison ----
 
@@ -348,7 +478,7 @@ class ChatSession(QObject):
 
     def compare(self, prompt: str | None = None) -> bool:
         """Run the prompt twice with the same seed and settings, speculation off then on."""
-        if self.busy() or self.model is None or self.compare_mode() is None:
+        if self.cannot_send() or self.compare_mode() is None:
             return False
         if prompt is None:
             users = [m for m in self.thread() if m["role"] == "user"]

@@ -1,7 +1,9 @@
 """The conversation view and the composer. They display and emit; ChatSession decides."""
 from __future__ import annotations
 
+import json
 import re
+import time
 
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QGuiApplication, QSyntaxHighlighter, QTextCharFormat, QTextCursor, QTextDocument, QTextFormat
@@ -9,6 +11,7 @@ from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QPlainTextEdit, QPus
                                QTextBrowser, QVBoxLayout, QWidget)
 
 MARKDOWN = QTextDocument.MarkdownDialectGitHub | QTextDocument.MarkdownNoHTML  # model output is never live HTML
+MARKDOWN_EVERY_S = 0.5  # a streaming reply in Markdown mode is re-rendered at most this often
 FENCE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 PY_KEYWORDS = r"\b(def|class|return|import|from|as|if|elif|else|for|while|try|except|finally|with|yield|lambda|None|True|False|and|or|not|in|is|pass|raise|async|await)\b"
 
@@ -52,12 +55,17 @@ def stats_line(stats: dict) -> str:
 
 
 class MessageWidget(QFrame):
+    """One message. A streaming reply grows by `append`, which costs only the new text: pieces are
+    inserted at the end (coloured when they came from accepted drafts); in Markdown mode the whole
+    reply is re-rendered only now and then, so that rendering never takes more than ~5% of the time."""
     sig_copy = Signal(str)
     sig_regenerate = Signal(str)
+    sig_continue = Signal(str)
     sig_edit = Signal(str)
     sig_version = Signal(str, int)
 
-    def __init__(self, message: dict, version: tuple[int, int], color_accepted: bool, parent=None):
+    def __init__(self, message: dict, version: tuple[int, int], color_accepted: bool, can_continue: bool = False,
+                 parent=None):
         super().__init__(parent)
         self.message = message
         self.color_accepted = color_accepted
@@ -84,6 +92,9 @@ class MessageWidget(QFrame):
             self._button(head, "Copy code", "copy the code block",
                          lambda: self.sig_copy.emit(FENCE.findall(self.message["content"])[-1]))
         if message["role"] == "assistant":
+            if can_continue:
+                self._button(head, "Continue", "continue this reply from where it stopped",
+                             lambda: self.sig_continue.emit(message["id"]))
             self._button(head, "Regenerate", "regenerate this reply", lambda: self.sig_regenerate.emit(message["id"]))
         else:
             self._button(head, "Edit", "edit and resend", lambda: self.sig_edit.emit(message["id"]))
@@ -101,7 +112,14 @@ class MessageWidget(QFrame):
         self.stats.setAccessibleName("reply statistics")
         if message["role"] == "assistant":
             lay.addWidget(self.stats)
-        self.set_text(message["content"], (message.get("stats") or {}).get("accepted_spans", []))
+        self.accepted_format = QTextCharFormat()
+        self.accepted_format.setBackground(QColor(120, 200, 120, 90))
+        self.plain_format = QTextCharFormat()
+        self.placeholder = False
+        self.markdown = False
+        self.rendered_at, self.render_cost = 0.0, 0.0
+        self.width_set = -1
+        self.render((message.get("stats") or {}).get("accepted_spans", []))
 
     def _button(self, layout, text, name, slot) -> None:
         b = QPushButton(text)
@@ -111,24 +129,50 @@ class MessageWidget(QFrame):
         b.clicked.connect(slot)
         layout.addWidget(b)
 
-    def set_text(self, text: str, accepted_spans=()) -> None:
-        self.message["content"] = text
-        if self.color_accepted and accepted_spans:
+    def render(self, accepted_spans=()) -> None:
+        """Draw the whole text: plain with the accepted spans coloured, or as Markdown."""
+        t0 = time.perf_counter()
+        text = self.message["content"] or ""
+        self.placeholder = not text
+        self.markdown = not self.color_accepted and not self.placeholder
+        if self.placeholder:
+            self.body.setPlainText("…")
+        elif self.markdown:
+            self.body.document().setMarkdown(text, MARKDOWN)
+        else:
             self.body.setPlainText(text)  # token colouring works on the raw text
             cur = QTextCursor(self.body.document())
-            fmt = QTextCharFormat()
-            fmt.setBackground(QColor(120, 200, 120, 90))
             for a, b in accepted_spans:
-                cur.setPosition(a)
+                cur.setPosition(min(a, len(text)))
                 cur.setPosition(min(b, len(text)), QTextCursor.KeepAnchor)
-                cur.mergeCharFormat(fmt)
-        else:
-            self.body.document().setMarkdown(text or "…", MARKDOWN)
+                cur.mergeCharFormat(self.accepted_format)
+        self.rendered_at, self.render_cost = time.monotonic(), time.perf_counter() - t0
         self.fit_height()
+
+    def append(self, pieces: list[tuple[str, bool]]) -> None:
+        """Streamed text: (text, from an accepted draft) pieces, appended in order."""
+        added = "".join(text for text, _ in pieces)
+        if not added:
+            return
+        if self.placeholder:
+            self.body.clear()
+            self.placeholder = False
+        cur = QTextCursor(self.body.document())
+        cur.movePosition(QTextCursor.End)
+        for text, accepted in pieces:
+            cur.insertText(text, self.accepted_format if accepted and self.color_accepted else self.plain_format)
+        self.message["content"] = (self.message["content"] or "") + added
+        if not self.color_accepted and time.monotonic() - self.rendered_at > max(MARKDOWN_EVERY_S, 20 * self.render_cost):
+            self.render()
+        else:
+            self.fit_height()
 
     def fit_height(self) -> None:
         doc = self.body.document()
-        doc.setTextWidth(max(200, self.body.viewport().width()))
+        width = max(200, self.body.viewport().width())
+        if width != self.width_set:  # a new text width lays the whole text out again: only on resize
+            doc.setTextWidth(width)
+            self.width_set = width
         self.body.setFixedHeight(int(doc.size().height()) + 8)
 
     def resizeEvent(self, e) -> None:
@@ -137,8 +181,10 @@ class MessageWidget(QFrame):
 
 
 class ChatView(QScrollArea):
-    """The active branch of a conversation, one MessageWidget per message."""
+    """The active branch of a conversation, one MessageWidget per message. Redrawing keeps the widgets
+    of unchanged messages, so a reply that starts or ends rebuilds one widget, not the whole chat."""
     sig_regenerate = Signal(str)
+    sig_continue = Signal(str)
     sig_edit = Signal(str)
     sig_version = Signal(str, int)
 
@@ -151,37 +197,46 @@ class ChatView(QScrollArea):
         self.column.addStretch(1)
         self.setWidget(self.inner)
         self.widgets: dict[str, MessageWidget] = {}
+        self.keys: dict[str, tuple] = {}
 
-    def show_thread(self, messages: list[dict], versions, color_accepted: bool) -> None:
+    def show_thread(self, messages: list[dict], versions, color_accepted: bool, can_continue=lambda m: False) -> None:
         while self.column.count() > 1:
-            item = self.column.takeAt(0)
-            if item.widget():
-                item.widget().deleteLater()
-        self.widgets = {}
+            self.column.takeAt(0)
+        old, self.widgets, old_keys, self.keys = self.widgets, {}, self.keys, {}
         for m in messages:
-            w = MessageWidget(dict(m), versions(m["id"]), color_accepted)
-            w.sig_copy.connect(lambda text: QGuiApplication.clipboard().setText(text))
-            w.sig_regenerate.connect(self.sig_regenerate)
-            w.sig_edit.connect(self.sig_edit)
-            w.sig_version.connect(self.sig_version)
+            key = (m["content"], m.get("status"), json.dumps(m.get("stats") or {}, sort_keys=True),
+                   versions(m["id"]), color_accepted, can_continue(m))
+            w = old.pop(m["id"], None)
+            if w is None or old_keys.get(m["id"]) != key:
+                if w is not None:
+                    w.deleteLater()
+                w = self.message_widget(m, key[3], color_accepted, key[5])
             self.column.insertWidget(self.column.count() - 1, w)
-            self.widgets[m["id"]] = w
+            self.widgets[m["id"]], self.keys[m["id"]] = w, key
+        for w in old.values():
+            w.deleteLater()
         QTimer.singleShot(0, self.scroll_to_end)
 
-    def update_message(self, mid: str, text: str, spans) -> None:
+    def message_widget(self, m: dict, version, color_accepted: bool, can_continue: bool) -> MessageWidget:
+        w = MessageWidget(dict(m), version, color_accepted, can_continue)
+        w.sig_copy.connect(lambda text: QGuiApplication.clipboard().setText(text))
+        w.sig_regenerate.connect(self.sig_regenerate)
+        w.sig_continue.connect(self.sig_continue)
+        w.sig_edit.connect(self.sig_edit)
+        w.sig_version.connect(self.sig_version)
+        return w
+
+    def update_message(self, mid: str, pieces) -> None:
         w = self.widgets.get(mid)
         if w is not None:
-            at_end = self.verticalScrollBar().value() >= self.verticalScrollBar().maximum() - 40
-            w.set_text(text, spans)
+            bar = self.verticalScrollBar()
+            at_end = bar.value() >= bar.maximum() - 40
+            w.append(pieces)
             if at_end:
                 QTimer.singleShot(0, self.scroll_to_end)
 
     def scroll_to_end(self) -> None:
         self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
-
-    def text_of(self, mid: str) -> str:
-        w = self.widgets.get(mid)
-        return w.body.toPlainText() if w else ""
 
 
 class Composer(QPlainTextEdit):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from PySide6.QtCharts import QChart, QChartView, QDateTimeAxis, QLineSeries, QScatterSeries, QValueAxis
 from PySide6.QtCore import QDateTime, QPointF, Qt
 from PySide6.QtGui import QPainter
-from PySide6.QtWidgets import QDialog, QGridLayout, QLabel, QTextBrowser, QVBoxLayout
+from PySide6.QtWidgets import QDialog, QDialogButtonBox, QGridLayout, QLabel, QTextBrowser, QVBoxLayout
 
 from desktop.chat import MODE_NAMES
 from desktop.chat_view import stats_line
@@ -27,6 +27,12 @@ def add_series(chart: QChart, series, name: str, points) -> None:
     chart.addSeries(series)
     for axis in chart.axes():
         series.attachAxis(axis)
+
+
+def close_button(dialog: QDialog, layout) -> None:
+    buttons = QDialogButtonBox(QDialogButtonBox.Close)
+    buttons.rejected.connect(dialog.reject)
+    layout.addWidget(buttons)
 
 
 def tokens_chart(runs: dict[str, list]) -> QChartView:
@@ -73,6 +79,7 @@ class CompareDialog(QDialog):
             grid.addWidget(QLabel(stats_line(run["stats"]) or "-"), 2, col)
         lay.addLayout(grid)
         lay.addWidget(tokens_chart({"off": off.get("timeline", []), on_name: on.get("timeline", [])}))
+        close_button(self, lay)
 
 
 class HistoryDialog(QDialog):
@@ -103,3 +110,4 @@ class HistoryDialog(QDialog):
         view.setRenderHint(QPainter.Antialiasing)
         lay.addWidget(QLabel(f"{len(comparisons)} comparisons saved"))
         lay.addWidget(view)
+        close_button(self, lay)

@@ -42,6 +42,9 @@ class Sidebar(QWidget):
         lay.addWidget(self.search)
         self.list = QListWidget()
         self.list.setAccessibleName("conversations")
+        self.list.setTextElideMode(Qt.ElideRight)  # the full title is in the tooltip; the sidebar resizes
+        self.list.setWordWrap(False)
+        self.list.setUniformItemSizes(True)
         self.list.setContextMenuPolicy(Qt.CustomContextMenu)
         self.list.itemActivated.connect(lambda it: self.sig_open.emit(it.data(Qt.UserRole)))
         self.list.itemClicked.connect(lambda it: self.sig_open.emit(it.data(Qt.UserRole)))
@@ -49,9 +52,10 @@ class Sidebar(QWidget):
         lay.addWidget(self.list)
 
     def show_items(self, items: list[tuple[str, str, str]], current: str | None) -> None:
-        """items: (conversation id, title, tooltip)."""
+        """items: (conversation id, title, tooltip); the row of `current` (the open chat) is selected."""
         self.list.blockSignals(True)
         self.list.clear()
+        self.list.clearSelection()
         for cid, title, tip in items:
             it = QListWidgetItem(title)
             it.setData(Qt.UserRole, cid)

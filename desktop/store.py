@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import time
 import uuid
@@ -18,6 +19,8 @@ import sqlite_utils
 
 SCHEMA_VERSION = 1
 STATUSES = ("complete", "streaming", "cancelled", "error", "interrupted")
+CUT_OFF = {"cancelled": "reply stopped by the user", "error": "reply ended by an error",
+           "interrupted": "reply interrupted: the model worker or the app stopped", "streaming": "reply incomplete"}
 
 
 def data_dir() -> Path:
@@ -173,6 +176,12 @@ class Store:
     def set_active_leaf(self, cid: str, leaf: str) -> None:
         self.db["conversations"].update(cid, {"active_leaf": leaf})
 
+    def streaming_conversation(self) -> str | None:
+        """The chat whose reply a crash cut off most recently (a reply still marked 'streaming')."""
+        row = self.db.execute("SELECT conversation_id FROM messages WHERE status = 'streaming' "
+                              "ORDER BY updated_at DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
     def mark_interrupted(self) -> int:
         """At start-up: replies still 'streaming' were cut off by a crash; keep their text, say so."""
         cur = self.db.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
@@ -240,10 +249,26 @@ class Store:
         parts = [f"# {conv['title']}\n"]
         for m in self.active_thread(cid):
             parts.append(f"## {m['role'].capitalize()}\n\n{m['content']}\n")
+            if m["role"] == "assistant" and m["status"] in CUT_OFF:
+                parts.append(f"*[{CUT_OFF[m['status']]}]*\n")
             s = m["stats"]
             if m["role"] == "assistant" and s.get("decode_tokens_per_s"):
                 parts.append(f"*{s.get('generated_tokens', 0)} tokens, {s['decode_tokens_per_s']:.1f} tok/s*\n")
         return "\n".join(parts)
+
+
+def export_filename(title: str, extension: str) -> str:
+    """A file name for a chat's export: its title, without characters file systems refuse."""
+    stem = re.sub(r'[\\/:*?"<>|\x00-\x1f]+', " ", title)
+    stem = re.sub(r"\s+", " ", stem).strip(" .")[:80].rstrip(" .") or "chat"
+    return f"{stem}.{extension}"
+
+
+def documents_dir() -> Path:
+    """Where exports go by default: the user's documents folder (platformdirs), else home."""
+    import platformdirs
+    folder = Path(platformdirs.user_documents_dir())
+    return folder if folder.is_dir() else Path.home()
 
 
 def _decode(row: dict) -> dict:

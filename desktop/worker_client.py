@@ -55,6 +55,7 @@ class WorkerClient(QObject):
         if self.proc is not None and self.proc.state() != QProcess.NotRunning:
             return
         self.crash_text, self._buffer, self._expect_exit, self._missed = "", b"", False, 0
+        self.stderr_tail.clear()  # a crash report shows this worker's last lines, not an earlier one's
         proc = QProcess(self)
         env = QProcessEnvironment.systemEnvironment()
         env.insert("HF_HUB_OFFLINE", "1")

@@ -178,12 +178,17 @@ class Generate(Message):
     id: str
     messages: list[ChatMessage]
     params: GenerateParams = field(default_factory=GenerateParams)
+    # Continue the final (assistant) message instead of starting a new reply: the template is rendered
+    # without its end-of-turn after that message, so an interrupted reply picks up where it stopped.
+    continue_final_message: bool = False
 
     def validate(self) -> None:
         if not self.id:
             raise ProtocolError("bad_request", "generate.id must not be empty")
         if not self.messages:
             raise ProtocolError("bad_request", "generate.messages must not be empty", self.id)
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ProtocolError("bad_request", "continue_final_message needs an assistant message last", self.id)
 
 
 @dataclass

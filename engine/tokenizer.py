@@ -87,7 +87,21 @@ class Tokenizer:
         """Incremental decoder: yields text only once a multi-token UTF-8 character is complete."""
         return DecodeStream(skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> str:
+        """The prompt text. With continue_final_message the text ends with the last message's content,
+        without the end-of-turn the template writes after it (transformers' argument of that name)."""
+        if continue_final_message:
+            text = self._render(messages, False)
+            final = messages[-1]["content"]
+            for needle in (final, final.strip()):
+                at = text.rfind(needle) if needle else -1
+                if at >= 0:
+                    return text[:at + len(needle)]
+            raise ChatTemplateError("the chat template does not write the final message as given; it cannot be continued")
+        return self._render(messages, add_generation_prompt)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use a plain prompt")
         try:
@@ -103,6 +117,7 @@ class Tokenizer:
         except TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from e
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], continue_final_message: bool = False) -> list[int]:
         """The rendered template carries its own bos/special tokens, so none are added on top."""
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, continue_final_message=continue_final_message),
+                           add_special_tokens=False)

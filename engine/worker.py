@@ -151,9 +151,7 @@ class Worker:
         if req.backend not in self.backends:
             final.append(Error(code="unsupported", message=f"the {req.backend!r} backend is not available here"))
             return
-        if self.backend is not None:
-            self.backend.unload()
-            self.backend = None
+        # The model loaded now keeps serving until the new one is ready: a failed load changes nothing.
         backend = self.backends[req.backend]()
         last = [0.0, -1.0]
 
@@ -169,7 +167,9 @@ class Worker:
             backend.unload()
             final.append(self.error_event(e, None, "load_failed"))
             return
-        self.backend = backend
+        old, self.backend = self.backend, backend
+        if old is not None:
+            old.unload()
         final.append(Loaded(model=info))
 
     def do_generate(self, req: Generate, final: list[Message]) -> None:

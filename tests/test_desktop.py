@@ -57,7 +57,7 @@ def send(qtbot, window, session, text, max_tokens=12):
 def test_send_streams_a_reply_and_stores_both_messages(qtbot, app_window):
     window, session, store = app_window
     streamed = []
-    session.sig_stream.connect(lambda mid, text, spans: streamed.append(text))
+    session.sig_stream.connect(lambda mid, pieces: streamed.append("".join(t for t, _ in pieces)))
     send(qtbot, window, session, "Hello model", max_tokens=16)
     with qtbot.waitSignal(session.sig_busy, timeout=60000, check_params_cb=lambda b: not b):
         pass
@@ -66,7 +66,7 @@ def test_send_streams_a_reply_and_stores_both_messages(qtbot, app_window):
     reply = thread[1]
     assert reply["status"] == "complete" and reply["content"] and reply["stats"]["generated_tokens"] == 16
     assert reply["stats"]["decode_tokens_per_s"] > 0 and "accepted_spans" in reply["stats"]
-    assert streamed and streamed[-1] == reply["content"]
+    assert streamed and "".join(streamed) == reply["content"]
     assert window.view.widgets[reply["id"]].message["content"] == reply["content"]
     assert store.search("Hello")[0]["conversation_id"] == session.conversation_id
 

@@ -358,7 +358,8 @@ class LlamaCppBackend(Backend):
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         try:
             if self.chat:  # the rendered template writes its own bos and special tokens
-                ids = self.model.tokenize(self.chat.render_chat(messages), add_special=False, parse_special=True)
+                text = self.chat.render_chat(messages, continue_final_message=request.continue_final_message)
+                ids = self.model.tokenize(text, add_special=False, parse_special=True)
             else:
                 ids = self.model.tokenize("\n".join(m["content"] for m in messages), True, False)
         except ChatTemplateError as e:

@@ -81,7 +81,7 @@ class NativeBackend(Backend):
             raise BackendError("bad_request", "this model has no tokenizer.json, so it cannot take chat messages")
         try:
             if tok.chat_template:
-                return tok.encode_chat(messages)
+                return tok.encode_chat(messages, request.continue_final_message)
             return tok.encode("\n".join(m["content"] for m in messages))
         except ChatTemplateError as e:
             raise BackendError("bad_request", str(e)) from e
