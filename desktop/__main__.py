@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -38,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     app.setApplicationName("moedesk")
     why = problem(None if immortal_singletons() else refcount_probe(20))  # a short probe: ~200 Qt calls
     if why:
-        print(why, file=sys.stderr)
+        print(why, file=sys.stderr, flush=True)
         if not args.screenshot:
             QMessageBox.critical(None, "moedesk cannot start", why)
-        return 3
+        os._exit(3)  # not sys.exit: finalizing with the broken counts would abort after the message
 
     from desktop.chat import ChatSession
     from desktop.main_window import MainWindow

@@ -19,7 +19,7 @@ from engine.paths import BUNDLED_MODEL
 from engine.protocol import (Cancel, ChatMessage, Done, Error, Generate, GenerateParams, Load, Loaded, Progress,
                              Speculative, Token)
 
-REPAINT_MS = 50
+REPAINT_MS = 100
 SAVE_EVERY_S = 1.0
 TITLE_CHARS = 40
 FINISH_STATUS = {"stop": "complete", "length": "complete", "cancelled": "cancelled", "error": "error"}
@@ -69,11 +69,12 @@ class Settings:
     draft_model: str = ""  # a second, smaller .gguf with the same vocabulary, for speculative mode "draft"
     color_accepted: bool = True
     quant: str = "none"  # weights of native models: "none" | "int8" | "int4" (quantized while loading)
+    ignore_eos: bool = False  # not in the settings panel: fixed-length replies for soak tests and timing
 
     def params(self, speculative: str | None = None) -> GenerateParams:
         mode = speculative or self.speculative
         return GenerateParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                              seed=self.seed, speculative=Speculative(mode=mode, k=self.k))
+                              seed=self.seed, ignore_eos=self.ignore_eos, speculative=Speculative(mode=mode, k=self.k))
 
 
 @dataclass
@@ -362,7 +363,12 @@ class ChatSession(QObject):
         stream = Stream(request_id=f"{assistant_id}-{time.monotonic_ns()}", message_id=assistant_id,
                         prefix=m["content"], accepted=list(map(tuple, m["stats"].get("accepted_spans", []))),
                         earlier_stats=m["stats"])
-        self.begin(stream, history, self.settings.params(self.chat_mode()), continue_final_message=True)
+        params = self.settings.params(self.chat_mode())
+        # The rest of the reply's budget: continuing a cut-off reply ends where the whole one would have.
+        left = params.max_tokens - sum(seg.get("generated_tokens") or 0
+                                       for seg in m["stats"].get("segments") or [m["stats"]])
+        params.max_tokens = left if left > 0 else params.max_tokens
+        self.begin(stream, history, params, continue_final_message=True)
         return True
 
     def reply_to(self, user_id: str) -> str | None:

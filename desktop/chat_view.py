@@ -1,6 +1,7 @@
 """The conversation view and the composer. They display and emit; ChatSession decides."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -11,6 +12,7 @@ from PySide6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QPlainTextEdit, QPus
                                QTextBrowser, QVBoxLayout, QWidget)
 
 MARKDOWN = QTextDocument.MarkdownDialectGitHub | QTextDocument.MarkdownNoHTML  # model output is never live HTML
+STREAM_HEADROOM_PX = 96  # a streaming reply's room for the next lines
 MARKDOWN_EVERY_S = 0.5  # a streaming reply in Markdown mode is re-rendered at most this often
 FENCE = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 PY_KEYWORDS = r"\b(def|class|return|import|from|as|if|elif|else|for|while|try|except|finally|with|yield|lambda|None|True|False|and|or|not|in|is|pass|raise|async|await)\b"
@@ -106,6 +108,9 @@ class MessageWidget(QFrame):
         self.body.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
         self.body.setAccessibleName(f"{message['role']} message text")
         self.highlighter = CodeHighlighter(self.body.document())
+        # The text edit wraps at its own width; the widget is as tall as the laid-out text, whenever
+        # either changes (appended text, a new width).
+        self.body.document().documentLayout().documentSizeChanged.connect(self.fit_height)
         lay.addWidget(self.body)
         self.stats = QLabel(stats_line(message.get("stats") or {}))
         self.stats.setObjectName("statsLine")
@@ -118,7 +123,6 @@ class MessageWidget(QFrame):
         self.placeholder = False
         self.markdown = False
         self.rendered_at, self.render_cost = 0.0, 0.0
-        self.width_set = -1
         self.render((message.get("stats") or {}).get("accepted_spans", []))
 
     def _button(self, layout, text, name, slot) -> None:
@@ -147,7 +151,6 @@ class MessageWidget(QFrame):
                 cur.setPosition(min(b, len(text)), QTextCursor.KeepAnchor)
                 cur.mergeCharFormat(self.accepted_format)
         self.rendered_at, self.render_cost = time.monotonic(), time.perf_counter() - t0
-        self.fit_height()
 
     def append(self, pieces: list[tuple[str, bool]]) -> None:
         """Streamed text: (text, from an accepted draft) pieces, appended in order."""
@@ -159,25 +162,22 @@ class MessageWidget(QFrame):
             self.placeholder = False
         cur = QTextCursor(self.body.document())
         cur.movePosition(QTextCursor.End)
-        for text, accepted in pieces:
-            cur.insertText(text, self.accepted_format if accepted and self.color_accepted else self.plain_format)
+        for accepted, run in itertools.groupby(pieces, key=lambda p: p[1] and self.color_accepted):
+            cur.insertText("".join(text for text, _ in run), self.accepted_format if accepted else self.plain_format)
         self.message["content"] = (self.message["content"] or "") + added
         if not self.color_accepted and time.monotonic() - self.rendered_at > max(MARKDOWN_EVERY_S, 20 * self.render_cost):
             self.render()
-        else:
-            self.fit_height()
 
-    def fit_height(self) -> None:
-        doc = self.body.document()
-        width = max(200, self.body.viewport().width())
-        if width != self.width_set:  # a new text width lays the whole text out again: only on resize
-            doc.setTextWidth(width)
-            self.width_set = width
-        self.body.setFixedHeight(int(doc.size().height()) + 8)
-
-    def resizeEvent(self, e) -> None:
-        super().resizeEvent(e)
-        self.fit_height()
+    def fit_height(self, *_) -> None:
+        height = int(self.body.document().size().height()) + 8
+        if self.message.get("status") == "streaming":
+            # Grow in steps of a few lines: a new height re-lays out and repaints the whole view and
+            # moves the scroll range; between steps an update repaints only the new text.
+            if height <= self.body.height():
+                return
+            height += STREAM_HEADROOM_PX
+        if height != self.body.height():
+            self.body.setFixedHeight(height)
 
 
 class ChatView(QScrollArea):
@@ -198,6 +198,12 @@ class ChatView(QScrollArea):
         self.setWidget(self.inner)
         self.widgets: dict[str, MessageWidget] = {}
         self.keys: dict[str, tuple] = {}
+        # Stick to the bottom while the user is there: growing text, a new reply or a banner above keep
+        # the newest line in view; scrolling up to read stops following until back at the end.
+        self.follow = True
+        bar = self.verticalScrollBar()
+        bar.rangeChanged.connect(lambda lo, hi: self.follow and bar.setValue(hi))
+        bar.valueChanged.connect(lambda v: setattr(self, "follow", v >= bar.maximum() - 40))
 
     def show_thread(self, messages: list[dict], versions, color_accepted: bool, can_continue=lambda m: False) -> None:
         while self.column.count() > 1:
@@ -215,7 +221,8 @@ class ChatView(QScrollArea):
             self.widgets[m["id"]], self.keys[m["id"]] = w, key
         for w in old.values():
             w.deleteLater()
-        QTimer.singleShot(0, self.scroll_to_end)
+        self.follow = True
+        self.scroll_to_end()
 
     def message_widget(self, m: dict, version, color_accepted: bool, can_continue: bool) -> MessageWidget:
         w = MessageWidget(dict(m), version, color_accepted, can_continue)
@@ -229,11 +236,7 @@ class ChatView(QScrollArea):
     def update_message(self, mid: str, pieces) -> None:
         w = self.widgets.get(mid)
         if w is not None:
-            bar = self.verticalScrollBar()
-            at_end = bar.value() >= bar.maximum() - 40
             w.append(pieces)
-            if at_end:
-                QTimer.singleShot(0, self.scroll_to_end)
 
     def scroll_to_end(self) -> None:
         self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())

@@ -38,12 +38,12 @@ def close_button(dialog: QDialog, layout) -> None:
 def tokens_chart(runs: dict[str, list]) -> QChartView:
     x, y = QValueAxis(), QValueAxis()
     chart = new_chart("Tokens over time", x, y, "seconds", "tokens")
-    xmax = ymax = 1.0
+    xmax, ymax = 0.05, 1.0
     for name, timeline in runs.items():
         add_series(chart, QLineSeries(), name, [(0, 0), *timeline])
         for t, n in timeline:
             xmax, ymax = max(xmax, t), max(ymax, n)
-    x.setRange(0, xmax * 1.05)
+    x.setRange(0, xmax * 1.05)  # the axes fit the runs, however short
     y.setRange(0, ymax * 1.05)
     view = QChartView(chart)
     view.setRenderHint(QPainter.Antialiasing)

@@ -49,7 +49,7 @@ class Banner(QFrame):
         self.text.setText(text)
         self.restart.setVisible(level == "worker_died")
         bad = level in ("error", "worker_died")
-        if is_dark(self):
+        if is_dark():
             colors = ("#5a2a30", "#f3d6d9") if bad else ("#2f3454", "#dde0f5")
         else:
             colors = ("#f8d7da", "#58151c") if bad else ("#e2e3f5", "#1f2345")

@@ -43,5 +43,6 @@ def apply_theme(app: QApplication, theme: str) -> bool:
     return dark
 
 
-def is_dark(widget) -> bool:
-    return widget.palette().color(QPalette.Window).lightness() < 128
+def is_dark() -> bool:
+    """The application's palette, which widgets take on only when its change event reaches them."""
+    return QApplication.palette().color(QPalette.Window).lightness() < 128

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="generate --max-tokens tokens even past end-of-text")
     g.add_argument("--speculative", choices=["off", "mtp"], default="off",
                    help="mtp: draft with the model's own MTP modules and verify in one pass")
     g.add_argument("--k", default="auto", help="drafts per step (1, 2, ...) or auto")
@@ -164,7 +165,7 @@ def cmd_generate(args) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            max_tokens=args.max_tokens, stop=args.stop)
+                            max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
     pre = load_pretrained(args.model, device=args.device, dtype=args.dtype, quant=quant_spec(args, args.quant))
     if args.prompt_ids is not None:
         prompt_ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]

@@ -225,7 +225,7 @@ def _generate(model, prompt_ids, params, tokenizer, eos_ids, on_text, on_token, 
     budget = context_budget(model, len(prompt_ids), params.max_tokens)
     ensure_cache(model, len(prompt_ids) + budget + (draft_room(speculative) if use_mtp else 0))
     picker = TokenPicker(params, prompt_ids, device)
-    emitter = Emitter(budget, tokenizer, params.stop, eos_ids, on_text, on_token)
+    emitter = Emitter(budget, tokenizer, params.stop, () if params.ignore_eos else eos_ids, on_text, on_token)
     hidden = model(torch.tensor([prompt_ids], device=device), 0)  # [1, P, H]
     t_prefill = time.perf_counter() - emitter.t0
     if budget == 0:

@@ -7,6 +7,7 @@ side may add fields without breaking the other; the fields here are never rename
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import typing
@@ -34,7 +35,7 @@ class Message:
     @classmethod
     def from_dict(cls, d: dict) -> "Message":
         kwargs = {}
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         for f in fields(cls):
             if f.name == "type":
                 continue
@@ -58,6 +59,12 @@ class Message:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=False)
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    """Field types, evaluated once per class (get_type_hints compiles every string annotation anew)."""
+    return typing.get_type_hints(cls)
 
 
 def _id_of(d: dict) -> str | None:
@@ -160,6 +167,7 @@ class GenerateParams(Message):
     max_tokens: int = 256
     seed: int | None = 0
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # run to max_tokens (benchmarks, soak tests)
     speculative: Speculative = field(default_factory=Speculative)
 
     def validate(self) -> None:

@@ -29,6 +29,7 @@ import torch
 from engine.routing import Router
 
 UNION_KS = (1, 2, 3, 4)
+PENDING_STEPS = 64
 
 
 def routing_entropy(scores: torch.Tensor) -> torch.Tensor:
@@ -127,6 +128,9 @@ class RoutingRecorder:
                              if isinstance(getattr(m.block.ffn, "router", None), Router)]
         self.ids: list[list[torch.Tensor]] = [[] for _ in self.routers]
         self.entropy: list[list[torch.Tensor]] = [[] for _ in self.routers]
+        # A decode step only appends its ids and scores here (no ops in the step); every PENDING_STEPS
+        # steps, and before anything reads the record, they become rows of `ids`/`entropy` in one batch.
+        self.pending: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.routers]
         self.kept = [0] * len(self.routers)  # entries before this index have been through keep()
 
     def __enter__(self) -> "RoutingRecorder":
@@ -144,17 +148,30 @@ class RoutingRecorder:
         def observe(router: Router, scores: torch.Tensor, ids: torch.Tensor) -> None:
             if scores.is_cuda and torch.cuda.is_current_stream_capturing():
                 return
-            self.ids[j].append(ids.detach().to(torch.int32))
-            self.entropy[j].append(routing_entropy(scores.detach()))
+            self.pending[j].append((ids.detach(), scores.detach()))
+            if len(self.pending[j]) >= PENDING_STEPS:
+                self._settle(j)
         return observe
+
+    def _settle(self, j: int) -> None:
+        if self.pending[j]:
+            ids, scores = zip(*self.pending[j])
+            self.pending[j] = []
+            self.ids[j].append(torch.cat(ids).to(torch.int32))
+            self.entropy[j].append(routing_entropy(torch.cat(scores)))
+
+    def settle(self) -> None:
+        for j in range(len(self.routers)):
+            self._settle(j)
 
     def clear(self) -> None:
         for j in range(len(self.routers)):
-            self.ids[j], self.entropy[j] = [], []
+            self.ids[j], self.entropy[j], self.pending[j] = [], [], []
         self.kept = [0] * len(self.routers)
 
     def keep(self, rows: slice) -> None:
         """Of the rows recorded since the last keep/clear (taken together), keep only `rows`."""
+        self.settle()
         for j in range(len(self.routers)):
             n = self.kept[j]
             if len(self.ids[j]) > n:
@@ -165,14 +182,21 @@ class RoutingRecorder:
     @property
     def tokens(self) -> int:
         """Tokens recorded by the first main layer (every main layer routes the same ones)."""
+        self.settle()
         return sum(t.shape[0] for t in self.ids[0]) if self.routers else 0
 
     def layer(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Router j's recorded ids [T, top_k] and entropies [T], on the CPU."""
+        self._settle(j)
         r = self.routers[j][2]
         ids = torch.cat(self.ids[j]).cpu() if self.ids[j] else torch.zeros(0, r.top_k, dtype=torch.int32)
         ent = torch.cat(self.entropy[j]).cpu() if self.entropy[j] else torch.zeros(0)
         return ids, ent
+
+    def expert_load(self) -> list[list[int]]:
+        """Tokens per routed expert, per main MoE layer, over what was recorded."""
+        return [expert_counts(self.layer(j)[0], r.n_experts).tolist()
+                for j, (kind, _, r) in enumerate(self.routers) if kind == "layers"]
 
     def summary(self, ks=UNION_KS, per_expert: bool = True) -> dict | None:
         """Overall and per-layer statistics (module docstring); None for a model without MoE layers.

@@ -20,6 +20,7 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks, soak tests)
 
     def __post_init__(self):
         if self.temperature < 0:

@@ -18,12 +18,14 @@ from PySide6.QtWidgets import QApplication  # noqa: E402
 from desktop.chat import ChatSession  # noqa: E402
 from desktop.main_window import MainWindow  # noqa: E402
 from desktop.store import Store  # noqa: E402
+from desktop.theme import apply_theme  # noqa: E402
 
 PROMPT = "What does `json.dumps` do?"
 
 
 def main() -> int:
     app = QApplication([])
+    apply_theme(app, "light")
     session = ChatSession(Store())
     window = MainWindow(session)
     window.resize(1240, 780)
@@ -43,6 +45,12 @@ def main() -> int:
             for _ in range(10):
                 app.processEvents()
             dialogs[-1].grab().save(str(ROOT / "docs" / "compare.png"))
+            dialogs[-1].close()
+            apply_theme(app, "dark")
+            session.sig_thread.emit()  # redrawn in the dark palette
+            for _ in range(10):
+                app.processEvents()
+            window.grab().save(str(ROOT / "docs" / "screenshot-dark.png"))
             app.quit()
 
     session.sig_model.connect(lambda m: m and QTimer.singleShot(200, next_step))

@@ -99,6 +99,35 @@ def test_killed_worker_marks_the_reply_interrupted_and_restart_works(qtbot, app_
     with qtbot.waitSignal(session.sig_busy, timeout=60000, check_params_cb=lambda b: not b):
         pass
     assert session.thread()[-1]["status"] == "complete"
+    first_pid, second_pid = None, session.worker.pid()
+    assert window.speed_label.text()
+    with qtbot.waitSignal(session.worker.sig_died, timeout=5000):
+        os.kill(second_pid, signal.SIGKILL)
+    # The banner shows this worker's last lines only, not an earlier worker's; the live speed is cleared.
+    assert f"[worker {second_pid}]" in window.banner.text.text()
+    assert window.banner.text.text().count("[worker ") == window.banner.text.text().count(f"[worker {second_pid}]")
+    assert window.speed_label.text() == "" and window.worker_label.text() == "worker stopped unexpectedly"
+
+
+def test_continue_finishes_an_interrupted_reply_in_the_same_message(qtbot, app_window):
+    window, session, store = app_window
+    send(qtbot, window, session, "Keep going", max_tokens=60)
+    qtbot.waitUntil(lambda: session.stream is not None and len(session.stream.timeline) >= 3, timeout=30000)
+    with qtbot.waitSignal(session.worker.sig_died, timeout=5000):
+        os.kill(session.worker.pid(), signal.SIGKILL)
+    cut = session.thread()[-1]
+    assert cut["status"] == "interrupted" and cut["stats"]["generated_tokens"] >= 3
+    with qtbot.waitSignal(session.sig_model, timeout=60000, check_params_cb=lambda m: m is not None):
+        window.banner.restart.click()
+    buttons = [b for b in window.view.widgets[cut["id"]].findChildren(type(window.send_button))
+               if b.text() == "Continue"]
+    assert buttons
+    with qtbot.waitSignal(session.sig_busy, timeout=60000, check_params_cb=lambda b: not b):
+        buttons[0].click()
+    done = session.thread()[-1]
+    assert done["id"] == cut["id"] and done["status"] == "complete" and done["content"].startswith(cut["content"])
+    assert len(done["content"]) > len(cut["content"]) and done["stats"]["continued"]
+    assert done["stats"]["generated_tokens"] == 60  # the cut-off part and the continuation
 
 
 def test_regenerate_and_edit_keep_versions(qtbot, app_window):

@@ -32,6 +32,17 @@ def test_chat_template_renders_with_bos_and_generation_prompt(tiny):
     assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1  # the template's bos, not a second one
 
 
+def test_continuing_the_final_message_drops_its_end_of_turn(tiny):
+    """transformers' continue_final_message: the prompt ends with the kept reply text, no eos after it."""
+    tok = Tokenizer.from_dir(tiny)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Once upon"}]
+    assert tok.render_chat(chat, continue_final_message=True) == "<|bos|><|user|>Hi<|eos|><|assistant|>Once upon"
+    tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+    tok._compiled = None
+    with pytest.raises(ChatTemplateError, match="cannot be continued"):
+        tok.render_chat(chat, continue_final_message=True)
+
+
 def test_chat_template_errors_and_sandbox(tiny):
     tok = Tokenizer.from_dir(tiny)
     with pytest.raises(ChatTemplateError, match="unknown role"):

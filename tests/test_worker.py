@@ -293,3 +293,51 @@ def test_fuzz_through_the_worker(line, data):
         w.job.join(10)
     for x in out.getvalue().splitlines():
         parse_event(x)
+
+
+def test_a_failed_load_keeps_the_loaded_model_serving(client, tiny, tmp_path):
+    """Garbage config.json, random bytes as a .gguf: each an error event, and the model loaded before
+    still answers, with the same output as before the failed loads."""
+    load(client, tiny)
+    client.send(chat("before", "Hello", max_tokens=6))
+    before = client.wait_for("done", 60)
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "config.json").write_text("{ this is not json")
+    noise = tmp_path / "noise.gguf"
+    noise.write_bytes(os.urandom(4096))
+    for request in (Load(path=str(garbage)), Load(path=str(noise), backend="llamacpp")):
+        client.send(request)
+        ev = client.wait_for("loaded", 60)
+        assert isinstance(ev, Error) and ev.code in ("load_failed", "bad_format"), ev
+    client.send(chat("after", "Hello", max_tokens=6))
+    after = client.wait_for("done", 60)
+    assert after.finish_reason == before.finish_reason and after.text == before.text
+
+
+def test_ignore_eos_runs_to_max_tokens(client, tmp_path):
+    """A model that soon picks end-of-text (it wins wherever its logit is positive) stops early, unless
+    ignore_eos is set."""
+    from safetensors.torch import load_file, save_file
+    path = write_tiny_model(tmp_path / "eos")
+    state = load_file(path / "model.safetensors")
+    state["lm_head.weight"].zero_()
+    state["lm_head.weight"][1] = 1.0  # eos (id 1) against all-zero logits
+    save_file(state, str(path / "model.safetensors"))
+    load(client, path)
+    client.send(chat("a", "hi", max_tokens=7))
+    done = client.wait_for("done", 60)
+    assert done.finish_reason == "stop" and done.stats["generated_tokens"] < 7
+    client.send(chat("b", "hi", max_tokens=7, ignore_eos=True))
+    done = client.wait_for("done", 60)
+    assert done.finish_reason == "length" and done.stats["generated_tokens"] == 7
+
+
+def test_continue_final_message_is_checked():
+    line = json.dumps({"type": "generate", "id": "c", "continue_final_message": True,
+                       "messages": [{"role": "user", "content": "hi"}]})
+    with pytest.raises(ProtocolError, match="assistant message last"):
+        parse_request(line)
+    ok = json.loads(line)
+    ok["messages"].append({"role": "assistant", "content": "Once"})
+    assert parse_request(json.dumps(ok)).continue_final_message

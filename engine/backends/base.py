@@ -45,6 +45,6 @@ def sampling_params(p: GenerateParams):
     try:
         return SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                               repetition_penalty=p.repetition_penalty, seed=p.seed, max_tokens=p.max_tokens,
-                              stop=p.stop)
+                              stop=p.stop, ignore_eos=p.ignore_eos)
     except ValueError as e:
         raise BackendError("bad_request", str(e)) from e

@@ -411,8 +411,8 @@ class LlamaCppBackend(Backend):
         the request path above and `engine bench`. reuse_prefix=False prefills the whole prompt even
         when the cache holds it, as a benchmark wants."""
         drafter, control = self.drafter(mode, k)
-        emitter = Emitter(min(params.max_tokens, self.ctx.n_ctx - len(ids)), self.text, params.stop, self.eog,
-                          on_text, on_token)
+        emitter = Emitter(min(params.max_tokens, self.ctx.n_ctx - len(ids)), self.text, params.stop,
+                          () if params.ignore_eos else self.eog, on_text, on_token)
         keep = drafter.begin(ids) if drafter else len(ids)
         try:
             stats = self.run(ids, TokenPicker(params, ids, CPU), emitter, cancelled, drafter, control,

@@ -14,7 +14,6 @@ from engine.model.errors import ModelLoadError
 from engine.pretrained import Pretrained, load_pretrained
 from engine.quant import QuantSpec, model_spec, weight_bytes
 from engine.protocol import Done, Generate, Load, Token
-from engine.routing import moe_routers
 from engine.routing_stats import RoutingRecorder, rounded
 from engine.speculative import SpeculativeConfig
 from engine.tokenizer import ChatTemplateError
@@ -115,9 +114,6 @@ class NativeBackend(Backend):
         def on_text(text: str) -> None:
             emit(Token(id=request.id, text=text, accepted=from_draft[0]))
 
-        routers = moe_routers(self.pre.model)
-        for r in routers:
-            r.track_load(True)
         try:
             with recorder:
                 result = generate(self.pre.model, ids, params, tokenizer=self.pre.tokenizer,
@@ -125,11 +121,9 @@ class NativeBackend(Backend):
                                   should_stop=cancelled, speculative=spec)
         except ValueError as e:  # prompt longer than the context, and the like
             raise BackendError("bad_request", str(e)) from e
-        finally:
-            loads = [r.load.tolist() for r in routers if r.load is not None]
-            for r in routers:
-                r.track_load(False)
-        result.stats["expert_load"] = loads
+        # Tokens per expert of the reply's tokens (the heatmap), from the same record: counting them in
+        # every step would cost a bincount per layer per step.
+        result.stats["expert_load"] = recorder.expert_load()
         if recorder.routers:  # per MoE layer: max/mean load, cv, entropy, expert union for k = 1..4
             result.stats["routing"] = rounded(recorder.summary(per_expert=False))
         return Done(id=request.id, finish_reason=result.finish_reason, text=result.text, stats=result.stats)
