@@ -26,13 +26,15 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel
+        # Other dtypes round as transformers does: normalize in fp32, round, then scale.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class LatentCache(torch.nn.Module):
-    """Per layer: latent [B, S_max, kv_lora_rank] and rotary key [B, S_max, rope_dim].
+    """Per layer: latent [B, S_max, kv_lora_rank] and rotary key [B, S_max, rope_dim], side by side in
+    one buffer kv [B, S_max, C+R], so that attention scores against both are one product.
 
     Positions past the caller's current length are stale and never read, so rolling back rejected
     speculative tokens costs nothing: the caller just continues from an earlier position.
@@ -40,28 +42,35 @@ class LatentCache(torch.nn.Module):
 
     def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
         super().__init__()
-        self.register_buffer("latent", torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device),
-                             persistent=False)
-        self.register_buffer("rope_key", torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device),
+        self.rank = kv_lora_rank
+        self.register_buffer("kv", torch.zeros(batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device),
                              persistent=False)
 
     @property
-    def max_len(self) -> int:
-        return self.latent.shape[1]
+    def latent(self) -> torch.Tensor:
+        return self.kv[..., :self.rank]
 
-    def update(self, start: int, latent: torch.Tensor, rope_key: torch.Tensor):
+    @property
+    def rope_key(self) -> torch.Tensor:
+        return self.kv[..., self.rank:]
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[1]
+
+    def update(self, start: int, latent: torch.Tensor, rope_key: torch.Tensor) -> torch.Tensor:
+        """Store T new tokens from position `start`; → the cache up to them, kv [B, start+T, C+R]."""
         end = start + latent.shape[1]
         if end > self.max_len:
             raise ValueError(f"context full: position {end} exceeds the cache of {self.max_len} tokens")
-        self.latent[:, start:end] = latent
-        self.rope_key[:, start:end] = rope_key
-        return self.latent[:, :end], self.rope_key[:, :end]
+        self.kv[:, start:end, :self.rank] = latent
+        self.kv[:, start:end, self.rank:] = rope_key
+        return self.kv[:, :end]
 
     def write(self, input_pos: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor) -> None:
         """Store the new tokens at positions input_pos [T] (a device tensor: no host read; the caller
         checks the bounds, which it knows on the host)."""
-        self.latent.index_copy_(1, input_pos, latent)
-        self.rope_key.index_copy_(1, input_pos, rope_key)
+        self.kv.index_copy_(1, input_pos, torch.cat([latent, rope_key], dim=-1))
 
 
 class MLA(torch.nn.Module):
@@ -83,6 +92,7 @@ class MLA(torch.nn.Module):
         self.kv_up_proj = torch.nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.out_proj = torch.nn.Linear(nh * cfg.v_head_dim, H, bias=False)
         self.cache: LatentCache | None = None
+        self._absorbed: tuple | None = None  # (key of kv_up_proj.weight, w_k, w_v)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -91,27 +101,28 @@ class MLA(torch.nn.Module):
             q = self.q_up_proj(self.q_norm(self.q_down_proj(x)))
         return q.view(*x.shape[:2], self.n_heads, -1)  # [B, T, nh, nope+rope]
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, cos, sin,
-                start_pos: int | torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, H]; start_pos None: causal attention within x only (training, scoring); an int: where
-        x starts in the cache; a tensor: the positions [T] of x (the static step)."""
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, freqs: torch.Tensor,
+                start_pos: int | torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, H]; freqs: rotary.at(positions of x); start_pos None: causal attention within x only
+        (training, scoring); an int: where x starts in the cache; a tensor: the positions [T] of x (the
+        static step). mask: the additive attention bias [T, S] of the absorbed paths (None: no mask,
+        one new token against the cache up to it)."""
         q_nope, q_rope = self.query(x).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = rotary(q_rope, cos[:, None], sin[:, None])
+        q_rope = rotary(q_rope, freqs)
         latent, k_rope = self.kv_down_proj(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_norm(latent), rotary(k_rope, cos, sin)  # [B, T, C], [B, T, R]
+        latent, k_rope = self.kv_norm(latent), rotary(k_rope, freqs)  # [B, T, C], [B, T, R]
 
         if isinstance(start_pos, torch.Tensor):
             self.cache.write(start_pos, latent, k_rope)
-            out = self.attend_absorbed(q_nope, q_rope, self.cache.latent, self.cache.rope_key, start_pos)
+            out = self.attend_absorbed(q_nope, q_rope, self.cache.kv, mask)
         elif start_pos is None or self.cache is None:
             out = self.attend_expanded(q_nope, q_rope, latent, k_rope)
         else:
-            all_latent, all_rope = self.cache.update(start_pos, latent, k_rope)
+            kv = self.cache.update(start_pos, latent, k_rope)
             if start_pos == 0:
                 out = self.attend_expanded(q_nope, q_rope, latent, k_rope)
             else:
-                query_pos = torch.arange(start_pos, start_pos + x.shape[1], device=x.device)
-                out = self.attend_absorbed(q_nope, q_rope, all_latent, all_rope, query_pos)
+                out = self.attend_absorbed(q_nope, q_rope, kv, mask)
         return self.out_proj(out.flatten(2))
 
     def attend_expanded(self, q_nope, q_rope, latent, k_rope):
@@ -125,17 +136,39 @@ class MLA(torch.nn.Module):
                                              is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, T, nh, v]
 
-    def attend_absorbed(self, q_nope, q_rope, all_latent, all_rope, query_pos: torch.Tensor):
-        """T new queries at positions query_pos [T] against S cached latents, never expanding them per
-        head. Cache position s is visible to query t iff s <= query_pos[t]: later ones are the future,
-        or stale entries of rejected drafts."""
-        S = all_latent.shape[1]
-        w = self.kv_up_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_k, w_v = w[:, :self.nope_dim], w[:, self.nope_dim:]  # [nh, nope, C], [nh, v, C]
-        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k)
-        scores = (torch.einsum("bthc,bsc->bhts", q_latent, all_latent)
-                  + torch.einsum("bthr,bsr->bhts", q_rope, all_rope)) * self.softmax_scale
-        future = torch.arange(S, device=scores.device)[None, :] > query_pos[:, None]  # [T, S]
-        probs = scores.float().masked_fill(future, float("-inf")).softmax(dim=-1).to(q_nope.dtype)
-        out_latent = torch.einsum("bhts,bsc->bthc", probs, all_latent)
-        return torch.einsum("bthc,hdc->bthd", out_latent, w_v)  # [B, T, nh, v]
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_up_proj split per head for the absorbed products: w_k [nh, nope, C] scaled by the softmax
+        scale (so scores need no scaling of their own) and w_v transposed to [nh, C, v]. Made again
+        whenever the weight changes (loading, training)."""
+        w = self.kv_up_proj.weight
+        if torch.compiler.is_compiling():  # traced as ops on the weight (a compiler folds them)
+            return self.split_up_proj(w)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._absorbed is None or self._absorbed[0] != key:
+            self._absorbed = (key, *(t.contiguous() for t in self.split_up_proj(w.detach())))
+        return self._absorbed[1], self._absorbed[2]
+
+    def split_up_proj(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, :self.nope_dim] * self.softmax_scale, w[:, self.nope_dim:].transpose(1, 2)
+
+    def attend_absorbed(self, q_nope, q_rope, kv, mask):
+        """T new queries against S cached tokens kv [B, S, C+R], never expanding the latents per head:
+        the key up-projection goes into the query, the value up-projection after the weighted sum.
+        mask [T, S] (additive, -inf where a cached position is the future or a rejected draft's)."""
+        w_k, w_v = self.absorbed_weights()
+        q_latent = q_nope.transpose(1, 2) @ w_k  # [B, nh, T, C], scaled
+        q = torch.cat([q_latent, q_rope.transpose(1, 2) * self.softmax_scale], dim=-1)  # [B, nh, T, C+R]
+        scores = q @ kv[:, None].transpose(-1, -2)  # [B, nh, T, S]
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        out_latent = probs @ kv[:, None, :, :self.kv_lora_rank]  # [B, nh, T, C]
+        return (out_latent @ w_v).transpose(1, 2)  # [B, T, nh, v]
+
+
+def attention_mask(query_pos: torch.Tensor, length: int, dtype) -> torch.Tensor:
+    """Additive bias [T, S]: cache position s is visible to query t iff s <= query_pos[t]; later ones
+    are the future, or stale entries of rejected drafts."""
+    future = torch.arange(length, device=query_pos.device)[None, :] > query_pos[:, None]
+    return torch.zeros(future.shape, dtype=dtype, device=query_pos.device).masked_fill_(future, float("-inf"))

@@ -30,27 +30,45 @@ def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
+    """The rotation per position comes from a table built once (grown when a position passes its end)
+    and indexed per forward pass: `at(positions)` → what `forward` applies.
+
+    Interleaved pairs (x0,x1),(x2,x3).. (DeepSeek's layout): x as complex numbers times the table's
+    unit rotations, three kernels. Halves (x_i, x_{i+dim/2}): cos/sin tables."""
+
     def __init__(self, rope: RopeConfig, dim: int, interleave: bool):
         super().__init__()
         self.interleave = interleave
         self.scale = rope.cos_sin_scale()
         self.register_buffer("inv_freq", rope_inv_freq(rope, dim), persistent=False)
+        self.table: torch.Tensor | None = None  # [L, dim/2] complex64, or [2, L, dim/2] cos, sin
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] → cos, sin [T, dim/2] in fp32."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         return angles.cos() * self.scale, angles.sin() * self.scale
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x [..., T, dim]. Interleaved pairs (x0,x1),(x2,x3).. or halves (x_i, x_{i+dim/2})."""
-        xf = x.float()
+    def build(self, length: int) -> None:
+        cos, sin = self.cos_sin(torch.arange(length, device=self.inv_freq.device))
+        self.table = torch.complex(cos, sin) if self.interleave else torch.stack([cos, sin])
+
+    def at(self, positions: torch.Tensor, end: int) -> torch.Tensor:
+        """The table rows of positions [T]; `end` (> every position, known on the host) sizes the table."""
+        size = 0 if self.table is None else self.table.shape[-2]
+        if end > size or self.table.device != self.inv_freq.device:
+            if torch.compiler.is_compiling():  # no table to index yet: compute these rows in the graph
+                cos, sin = self.cos_sin(positions)
+                return torch.complex(cos, sin) if self.interleave else torch.stack([cos, sin])
+            self.build(max(end, 2 * size, 256))
+        return self.table[positions] if self.interleave else self.table[:, positions]
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """Rotate x [B, T, (heads,) dim] by freqs (`at`) broadcast over batch and heads."""
         if self.interleave:
-            a, b = xf[..., 0::2], xf[..., 1::2]
-        else:
-            a, b = xf.chunk(2, dim=-1)
-        ra, rb = a * cos - b * sin, b * cos + a * sin
-        if self.interleave:
-            out = torch.stack((ra, rb), dim=-1).flatten(-2)
-        else:
-            out = torch.cat((ra, rb), dim=-1)
-        return out.to(x.dtype)
+            if x.dim() == 4:
+                freqs = freqs[:, None]
+            xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+            return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)
+        cos, sin = (freqs[0][:, None], freqs[1][:, None]) if x.dim() == 4 else (freqs[0], freqs[1])
+        a, b = x.float().chunk(2, dim=-1)
+        return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1).to(x.dtype)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.model.attention import MLA, LatentCache, RMSNorm
+from engine.model.attention import MLA, LatentCache, RMSNorm, attention_mask
 from engine.model.config import ModelConfig
 from engine.model.moe import MLP, MoE
 from engine.model.rope import RotaryEmbedding
@@ -25,8 +25,8 @@ class Block(torch.nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, rotary, cos, sin, start_pos):
-        x = x + self.attn(self.attn_norm(x), rotary, cos, sin, start_pos)
+    def forward(self, x, rotary, freqs, start_pos, mask=None):
+        x = x + self.attn(self.attn_norm(x), rotary, freqs, start_pos, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -47,12 +47,12 @@ class MTPModule(torch.nn.Module):
         self.embed: torch.nn.Embedding | None = None
         self.head: torch.nn.Linear | None = None
 
-    def forward(self, hidden, next_tokens, main: "Transformer", cos, sin, start_pos):
+    def forward(self, hidden, next_tokens, main: "Transformer", freqs, start_pos, mask=None):
         """hidden [B, T, H] of the previous depth at positions i, next_tokens [B, T] = tokens i+depth
         → this depth's hidden states [B, T, H] (before head_norm), which predict tokens i+depth+1."""
         emb = (self.embed or main.embed)(next_tokens)
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))
-        return self.block(x, main.rotary, cos, sin, start_pos)
+        return self.block(x, main.rotary, freqs, start_pos, mask)
 
     def logits(self, hidden: torch.Tensor, main: "Transformer") -> torch.Tensor:
         return (self.head or main.head)(self.head_norm(hidden)).float()
@@ -88,7 +88,7 @@ class Transformer(torch.nn.Module):
         total = 0
         for block in self.layers:
             c = block.attn.cache
-            total += (c.latent[0, 0].numel() + c.rope_key[0, 0].numel()) * c.latent.element_size()
+            total += c.kv[0, 0].numel() * c.kv.element_size()
         return total
 
     def param_counts(self) -> dict:
@@ -118,10 +118,24 @@ class Transformer(torch.nn.Module):
         the static step (see `decode_step`).
         """
         x = self.embed(tokens)
-        cos, sin = self.rotary.cos_sin(positions_of(tokens, start_pos))
+        freqs, mask = self.attention_inputs(tokens, start_pos)
         for block in self.layers:
-            x = block(x, self.rotary, cos, sin, start_pos)
+            x = block(x, self.rotary, freqs, start_pos, mask)
         return self.norm(x)
+
+    def attention_inputs(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None):
+        """Once per pass, for every layer: the rotary rows of these positions, and the attention mask of
+        the absorbed paths (None where none is needed: one new token against the cache up to it, or
+        attention within `tokens`, which is causal by construction)."""
+        T = tokens.shape[1]
+        positions = positions_of(tokens, start_pos)
+        if isinstance(start_pos, torch.Tensor):  # the static step attends the whole cache
+            end = self.max_seq_len
+            mask = attention_mask(positions, end, self.norm.weight.dtype)
+        else:
+            end = (start_pos or 0) + T
+            mask = attention_mask(positions, end, self.norm.weight.dtype) if start_pos and T > 1 else None
+        return self.rotary.at(positions, end), mask
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden).float()
@@ -129,8 +143,8 @@ class Transformer(torch.nn.Module):
     def mtp_forward(self, depth: int, hidden: torch.Tensor, next_tokens: torch.Tensor,
                     start_pos: int | torch.Tensor | None = None) -> torch.Tensor:
         """Run MTP module `depth` (0-based) over positions start_pos.. (see MTPModule.forward)."""
-        cos, sin = self.rotary.cos_sin(positions_of(next_tokens, start_pos))
-        return self.mtp[depth](hidden, next_tokens, self, cos, sin, start_pos)
+        freqs, mask = self.attention_inputs(next_tokens, start_pos)
+        return self.mtp[depth](hidden, next_tokens, self, freqs, start_pos, mask)
 
     def mtp_logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.mtp[depth].logits(hidden, self)
