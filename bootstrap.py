@@ -139,12 +139,21 @@ def qt_library_advice(missing: list[str]) -> str:
     return "\n".join(lines)
 
 
+def build_kernels() -> None:
+    """moedesk's C++ CPU kernels for this machine (kernels/cpu; instant once built, rebuilt when their
+    source or torch changes). Without them the engine runs PyTorch's products, slower."""
+    if subprocess.call([str(PY), "-m", "kernels.cpu"], cwd=ROOT) != 0:
+        print("could not build moedesk's CPU kernels (needs a C++ compiler): decoding on the CPU will be slower",
+              flush=True)
+
+
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "app"
     if command not in EXTRAS:
         print(__doc__)
         return 2
     install(EXTRAS[command])
+    build_kernels()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if command == "test":
         return run([PY, "-m", "pytest", "-q", *argv[1:]], env=dict(env, **QT_TEST_ENV))

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import use_triton
+from kernels import cpu, use_triton
 from kernels.formats import INT4_GROUPS, QWeight, dequantize, quantize_fp8, quantize_int4, quantize_int8
+from engine.model.linear import decode_shaped
 from engine.model.moe import Experts
 
 KEEP_DENSE = ("kv_up_proj", "router")  # module names never quantized (see the module docstring)
@@ -101,7 +102,10 @@ class QuantLinear(torch.nn.Module):
             return quant_matmul(x, self.qw)
         if x.is_cuda:  # prefill: one transient dequantized copy of this layer beats a slow product
             return F.linear(x, dequantize(self.qw, x.dtype))
-        if self._cpu is None:
+        if self.spec.fmt == "int8" and decode_shaped(x):  # moedesk's kernel: the weight read once, in place
+            return torch.ops.moedesk.linear(x, self.qweight, self.scale, cpu.empty(), cpu.FORMATS["int8"], 0
+                                            ).to(x.dtype)
+        if self._cpu is None:  # int4: torch's kernel is faster for one row than moedesk's (docs/quantization.md)
             self._cpu = cpu_pack(self.qw)
         return cpu_product(self._cpu, x)
 
@@ -191,6 +195,11 @@ class QuantExperts(Experts):
         if x.is_cuda:
             from kernels.reference import fused_moe_ref
             return fused_moe_ref(x, weights, ids, *self.kernel_weights())
+        if self.spec.fmt in ("int8", "int4") and decode_shaped(x):
+            gu, dn, e = self.stacked("gate_up"), self.stacked("down"), cpu.empty()
+            zero = lambda q: e if q.zero is None else q.zero  # noqa: E731
+            return torch.ops.moedesk.moe(x, ids, weights, gu.qweight, gu.scale, zero(gu), dn.qweight, dn.scale,
+                                         zero(dn), cpu.FORMATS[self.spec.fmt], self.spec.group).to(x.dtype)
         return self.forward_grouped(x, weights, ids)
 
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

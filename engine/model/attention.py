@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from engine.model.config import ModelConfig
 from engine.model.rope import RotaryEmbedding
+from engine.model.linear import Linear
 
 
 class RMSNorm(torch.nn.Module):
@@ -82,15 +83,15 @@ class MLA(torch.nn.Module):
         self.softmax_scale = cfg.softmax_scale
         H, nh = cfg.hidden_size, cfg.num_attention_heads
         if cfg.q_lora_rank:
-            self.q_down_proj = torch.nn.Linear(H, cfg.q_lora_rank, bias=False)
+            self.q_down_proj = Linear(H, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_up_proj = torch.nn.Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, bias=False)
+            self.q_up_proj = Linear(cfg.q_lora_rank, nh * cfg.qk_head_dim, bias=False)
         else:
-            self.q_proj = torch.nn.Linear(H, nh * cfg.qk_head_dim, bias=False)
-        self.kv_down_proj = torch.nn.Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+            self.q_proj = Linear(H, nh * cfg.qk_head_dim, bias=False)
+        self.kv_down_proj = Linear(H, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_up_proj = torch.nn.Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.out_proj = torch.nn.Linear(nh * cfg.v_head_dim, H, bias=False)
+        self.kv_up_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.out_proj = Linear(nh * cfg.v_head_dim, H, bias=False)
         self.cache: LatentCache | None = None
         self._absorbed: tuple | None = None  # (key of kv_up_proj.weight, w_k, w_v)
 

@@ -23,6 +23,7 @@ from engine.model.transformer import Transformer
 from engine.quant import (STORED_PARTS, QuantEmbedding, QuantExperts, QuantLinear, QuantSpec, from_stored, to_stored,
                           logical_weights, plan_quantization, quantization_config, split_stored_name, stored_shape, swap_modules)
 from engine.routing import Router
+from engine.model.linear import Linear
 
 QUANT_MODULES = (QuantLinear, QuantExperts, QuantEmbedding)
 
@@ -294,7 +295,7 @@ def build_empty(cfg: ModelConfig, n_mtp: int, own_mtp: set[str], dtype: torch.dt
             if f"mtp.{i}.embed.weight" in own_mtp:
                 m.embed = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
             if f"mtp.{i}.head.weight" in own_mtp:
-                m.head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+                m.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
     model.to(dtype)
     for m in model.modules():
         if isinstance(m, Router):

@@ -5,14 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.config import ModelConfig
-from kernels import use_triton
+from engine.model.linear import CPU_FORMATS, Linear, decode_shaped
 from engine.routing import Router
+from kernels import cpu, use_triton
 
 # On the GPU with Triton, the fused MoE kernel of kernels/ serves every batch size. Without Triton, up
 # to this many (token, expert) pairs gather the chosen experts' weights and apply them
-# in one batched product (decode, no host synchronisation); otherwise, and always on the CPU, tokens
-# are sorted by expert and each chosen expert runs once on its rows (on the CPU a gather would copy
-# the weights it reads, several times slower than reading them in place).
+# in one batched product (decode, no host synchronisation). On the CPU, decode and verification go to
+# moedesk's MoE kernel (kernels/cpu: each chosen expert read in place once); otherwise tokens are sorted
+# by expert and each chosen expert runs once on its rows (a gather would copy the weights it reads).
 GATHER_MAX_PAIRS = 16
 
 
@@ -21,9 +22,9 @@ class MLP(torch.nn.Module):
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
-        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
-        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -45,6 +46,10 @@ class Experts(torch.nn.Module):
             return fused_moe(x, weights, ids, self.gate_up, self.down)
         if x.is_cuda and ids.numel() <= GATHER_MAX_PAIRS:
             return self.forward_gathered(x, weights, ids)
+        fmt = CPU_FORMATS.get(self.gate_up.dtype)
+        if fmt is not None and decode_shaped(x):  # each chosen expert read once, SwiGLU and the sum fused
+            e = cpu.empty()
+            return torch.ops.moedesk.moe(x, ids, weights, self.gate_up, e, e, self.down, e, e, fmt, 0).to(x.dtype)
         return self.forward_grouped(x, weights, ids)
 
     def forward_gathered(self, x, weights, ids):

@@ -8,6 +8,7 @@ from engine.model.config import ModelConfig
 from engine.model.moe import MLP, MoE
 from engine.model.rope import RotaryEmbedding
 from engine.routing import Router
+from engine.model.linear import Linear
 
 
 def positions_of(tokens: torch.Tensor, start_pos: int | torch.Tensor | None) -> torch.Tensor:
@@ -41,7 +42,7 @@ class MTPModule(torch.nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = torch.nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.block = Block(cfg, layer_idx)
         self.head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed: torch.nn.Embedding | None = None
@@ -65,7 +66,7 @@ class Transformer(torch.nn.Module):
         self.embed = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = torch.nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = torch.nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + i) for i in range(n_mtp))
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.rope_interleave)
         self.max_seq_len = 0

@@ -1,0 +1,28 @@
+"""nn.Linear whose decode-shaped products on the CPU go through moedesk's kernels (kernels/cpu).
+
+A few rows (decode, verification) times an fp32 or bf16 weight, at inference: the kernel reads the weight
+once for all rows at close to memory bandwidth, where torch's CPU GEMV reaches about a third of it in
+bf16 (docs/quantization.md). Anything else (prefill, training with autograd, the GPU) is F.linear.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu
+
+CPU_FORMATS = {torch.float32: cpu.FORMATS["fp32"], torch.bfloat16: cpu.FORMATS["bf16"]}
+
+
+def decode_shaped(x: torch.Tensor) -> bool:
+    """Whether the CPU kernels take this product: few rows, no autograd, the kernels built."""
+    return (x.device.type == "cpu" and x.dim() >= 2 and x.numel() <= cpu.MAX_ROWS * x.shape[-1]
+            and not torch.is_grad_enabled() and (cpu._loaded if cpu._loaded is not None else cpu.available()))
+
+
+class Linear(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = CPU_FORMATS.get(self.weight.dtype)
+        if fmt is not None and self.bias is None and decode_shaped(x):
+            return torch.ops.moedesk.linear(x, self.weight, cpu.empty(), cpu.empty(), fmt, 0).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)

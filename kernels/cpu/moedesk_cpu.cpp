@@ -1,0 +1,631 @@
+// Decode-shaped CPU products for moedesk: a few rows of activations times a weight that is read once.
+//
+//   moedesk::linear(x [M, K], weight) -> y [M, N] fp32        y = x · Wᵀ
+//   moedesk::moe(x [M, H], ids [M, k], weights [M, k], gate_up [E, 2I, H], down [E, H, I]) -> y [M, H] fp32
+//        y[m] = Σ_j weights[m, j] · down_e · (silu(gate_e · x[m]) * (up_e · x[m])),  e = ids[m, j]
+//
+// A weight is (q, scale, zero, fmt, group) in the formats of kernels/formats.py: fmt 0 fp32 and 1 bf16
+// (q is the weight; scale, zero empty), 2 int8 (q int8 [N, K], scale fp32 [N]), 3 int4 (q uint8 [N, K/2],
+// column 2j in the low nibble, scale fp32 [N, G], zero uint8 [N, G], G = ceil(K / group)).
+//
+// Each output row walks its weight row in chunks: the chunk is widened to fp32 in a buffer that stays in
+// L1, then dotted with every activation row. So the weight streams from memory once however many rows
+// (verified tokens) use it, and each (row, output) dot runs the same way whatever M is: a verification
+// pass gives the same bits as one-token steps. The MoE op reads each chosen expert once for all rows that
+// chose it. Threads split the output rows (ATen's pool); products too small to pay for a parallel region
+// run on one thread.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum Fmt : int64_t { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };
+constexpr int64_t CHUNK = 512;                   // columns widened at a time (a multiple of every int4 group)
+constexpr int64_t PARALLEL_BYTES = 256 * 1024;  // smaller weights: one thread
+
+struct Weight {
+  int64_t fmt, N, K, group;
+  const uint8_t* q;
+  const float* scale;
+  const uint8_t* zero;
+  const float* xsum = nullptr;  // int4 by nibbles: Σx of the bf16 activations per row and group [M, G]
+
+  int64_t groups() const { return (K + group - 1) / group; }
+
+  // int4 by nibbles: 0 (not), or the column block whose activations are reordered (see activations).
+  int64_t nibbles() const {
+#ifdef __AVX512BF16__
+    if (fmt == I4 && group % 64 == 0 && K % 128 == 0) return 128;
+    if (fmt == I4 && group % 64 == 0 && K % 64 == 0) return 64;
+#endif
+    return 0;
+  }
+
+  int64_t row_bytes() const {
+    switch (fmt) {
+      case F32: return K * 4;
+      case BF16: return K * 2;
+      case I8: return K;
+      default: return K / 2;
+    }
+  }
+
+  // Columns [k0, k0 + len) of row n as fp32: a pointer into the weight (fp32) or into buf.
+  const float* chunk(int64_t n, int64_t k0, int64_t len, float* buf) const {
+    const uint8_t* row = q + n * row_bytes();
+    switch (fmt) {
+      case F32:
+        return reinterpret_cast<const float*>(row) + k0;
+      case BF16: {
+        const uint16_t* p = reinterpret_cast<const uint16_t*>(row) + k0;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+          std::memcpy(buf + i, &bits, 4);
+        }
+        return buf;
+      }
+      case I8: {  // the row's scale is applied to the finished dot
+        const int8_t* p = reinterpret_cast<const int8_t*>(row) + k0;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<float>(p[i]);
+        return buf;
+      }
+      default: {  // int4: (q - zero) * scale per group of columns
+        const uint8_t* p = row + k0 / 2;
+#pragma omp simd
+        for (int64_t i = 0; i < len / 2; ++i) {
+          buf[2 * i] = static_cast<float>(p[i] & 15);
+          buf[2 * i + 1] = static_cast<float>(p[i] >> 4);
+        }
+        const int64_t G = groups();
+        for (int64_t a = 0; a < len;) {
+          const int64_t g = (k0 + a) / group;
+          const int64_t b = std::min(len, (g + 1) * group - k0);
+          const float s = scale[n * G + g], zs = static_cast<float>(zero[n * G + g]) * s;
+#pragma omp simd
+          for (int64_t i = a; i < b; ++i) buf[i] = buf[i] * s - zs;
+          a = b;
+        }
+        return buf;
+      }
+    }
+  }
+
+  // y[m * ldy + n] = x[m] · row n, for rows n in [n0, n1).
+  void rows(const float* x, const uint16_t* xb, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
+#ifdef __AVX512BF16__
+    if (xb && K % 32 == 0) {
+      switch (fmt) {
+        case BF16: return dp_block<BF16>(xb, M, n0, n1, y, ldy);
+        case I8: return dp_block<I8>(xb, M, n0, n1, y, ldy);
+        case I4:
+          if (nibbles() == 128) return wide_block(xb, M, n0, n1, y, ldy);  // xb is reordered (activations)
+          if (nibbles() == 64) return nib_block(xb, M, n0, n1, y, ldy);
+          return dp_block<I4>(xb, M, n0, n1, y, ldy);
+        default: break;
+      }
+    }
+#endif
+#ifdef __AVX512F__
+    if (K % 16 == 0) {
+      switch (fmt) {
+        case F32: return avx512_block<F32>(x, M, n0, n1, y, ldy);
+        case BF16: return avx512_block<BF16>(x, M, n0, n1, y, ldy);
+        case I8: return avx512_block<I8>(x, M, n0, n1, y, ldy);
+        default: return avx512_block<I4>(x, M, n0, n1, y, ldy);
+      }
+    }
+#endif
+    generic_rows(x, M, n0, n1, y, ldy);
+  }
+
+#ifdef __AVX512F__
+  template <int FMT>
+  void avx512_block(const float* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int64_t mb = std::min<int64_t>(8, M - m0);
+      switch (mb) {  // the accumulators must be registers: the row count is a template argument
+        case 1: avx512_rows_n<FMT, 4, 1>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
+        case 2: avx512_rows_n<FMT, 4, 2>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
+        case 3: avx512_rows_n<FMT, 4, 3>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
+        case 4: avx512_rows_n<FMT, 4, 4>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
+        case 5: avx512_rows_n<FMT, 2, 5>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
+        case 6: avx512_rows_n<FMT, 2, 6>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
+        case 7: avx512_rows_n<FMT, 2, 7>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
+        default: avx512_rows_n<FMT, 2, 8>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
+      }
+    }
+  }
+
+  template <int FMT, int R, int MB>
+  void avx512_rows_n(const float* x, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) avx512_rows<FMT, R, MB>(x, n, y, ldy);
+    for (; n < n1; ++n) avx512_rows<FMT, 1, MB>(x, n, y, ldy);
+  }
+
+  // 16 fp32 weights of a row from column k (int4: before its group's scale and zero).
+  template <int FMT>
+  static inline __m512 load16(const uint8_t* row, int64_t k) {
+    if constexpr (FMT == F32) {
+      return _mm512_loadu_ps(reinterpret_cast<const float*>(row) + k);
+    } else if constexpr (FMT == BF16) {
+      __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint16_t*>(row) + k));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else if constexpr (FMT == I8) {
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
+    } else {  // 8 bytes → 16 nibbles in column order (low nibble first)
+      __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2)));
+      __m128i lohi = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi16(0x0F)),
+                                  _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0xF0)), 4));
+      return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lohi));
+    }
+  }
+
+  // R consecutive weight rows from n against MB activation rows: each weight vector is loaded once and
+  // used MB times; the R × MB accumulators stay in registers.
+  template <int FMT, int R, int MB>
+  void avx512_rows(const float* x, int64_t n, float* y, int64_t ldy) const {
+    __m512 acc[R][MB];
+    const uint8_t* row[R];
+    for (int r = 0; r < R; ++r) {
+      row[r] = q + (n + r) * row_bytes();
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+    }
+    auto step = [&](int64_t k, const __m512* s, const __m512* zs) {
+      __m512 w[R];
+      for (int r = 0; r < R; ++r) {
+        w[r] = load16<FMT>(row[r], k);
+        if constexpr (FMT == I4) w[r] = _mm512_fmsub_ps(w[r], s[r], zs[r]);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], xv, acc[r][m]);
+      }
+    };
+    if constexpr (FMT == I4) {
+      const int64_t G = groups();
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 s[R], zs[R];
+        for (int r = 0; r < R; ++r) {
+          const float sc = scale[(n + r) * G + g];
+          s[r] = _mm512_set1_ps(sc);
+          zs[r] = _mm512_set1_ps(static_cast<float>(zero[(n + r) * G + g]) * sc);
+        }
+        const int64_t k1 = std::min(K, (g + 1) * group);
+        for (int64_t k = g * group; k < k1; k += 16) step(k, s, zs);
+      }
+    } else {
+      for (int64_t k = 0; k < K; k += 16) step(k, nullptr, nullptr);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float rs = FMT == I8 ? scale[n + r] : 1.f;
+      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) * rs;
+    }
+  }
+#endif
+
+#ifdef __AVX512BF16__
+  // bf16 weights (int8 and int4 widened to bf16, exact for int8 and for int4 before its scale) dotted with
+  // bf16 activations by vdpbf16ps: 32 products per instruction, summed in fp32. The weight-only formats
+  // ran with bf16 activations before too (torch's CPU kernels take only those).
+  template <int FMT>
+  void dp_block(const uint16_t* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int64_t mb = std::min<int64_t>(8, M - m0);
+      const uint16_t* xm = x + m0 * K;
+      float* ym = y + m0 * ldy;
+      switch (mb) {
+        case 1: dp_rows_n<FMT, 4, 1>(xm, n0, n1, ym, ldy); break;
+        case 2: dp_rows_n<FMT, 4, 2>(xm, n0, n1, ym, ldy); break;
+        case 3: dp_rows_n<FMT, 4, 3>(xm, n0, n1, ym, ldy); break;
+        case 4: dp_rows_n<FMT, 4, 4>(xm, n0, n1, ym, ldy); break;
+        case 5: dp_rows_n<FMT, 2, 5>(xm, n0, n1, ym, ldy); break;
+        case 6: dp_rows_n<FMT, 2, 6>(xm, n0, n1, ym, ldy); break;
+        case 7: dp_rows_n<FMT, 2, 7>(xm, n0, n1, ym, ldy); break;
+        default: dp_rows_n<FMT, 2, 8>(xm, n0, n1, ym, ldy); break;
+      }
+    }
+  }
+
+  template <int FMT, int R, int MB>
+  void dp_rows_n(const uint16_t* x, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) dp_rows<FMT, R, MB>(x, n, y, ldy);
+    for (; n < n1; ++n) dp_rows<FMT, 1, MB>(x, n, y, ldy);
+  }
+
+  // 32 weights of a row from column k as bf16 (int4: (q − zero) · scale, rounded to bf16).
+  template <int FMT>
+  static inline __m512bh load32(const uint8_t* row, int64_t k, __m512 s, __m512 zs) {
+    if constexpr (FMT == BF16) {
+      return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const uint16_t*>(row) + k);
+    } else if constexpr (FMT == I8) {
+      const __m128i* p = reinterpret_cast<const __m128i*>(row + k);
+      __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
+      __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)));
+      return _mm512_cvtne2ps_pbh(hi, lo);
+    } else {  // 16 bytes → 32 nibbles in column order (low nibble first)
+      __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+      __m256i lohi = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi16(0x0F)),
+                                     _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0xF0)), 4));
+      __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lohi)));
+      __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lohi, 1)));
+      return _mm512_cvtne2ps_pbh(_mm512_fmsub_ps(hi, s, zs), _mm512_fmsub_ps(lo, s, zs));
+    }
+  }
+
+  // int4 with groups of 64 or more columns: per 64 columns, 32 bytes give the even columns (low nibbles)
+  // and the odd ones (high nibbles); each nibble becomes bf16 by a table lookup and is dotted with the
+  // activations split the same way (split_pairs). A group's sum of q·x is then scaled once, and its
+  // zero point subtracted as zero · scale · Σx.
+  void nib_block(const uint16_t* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+      const uint16_t* xm = x + m0 * K;
+      float* ym = y + m0 * ldy;
+      switch (mb) {
+        case 1: nib_rows_n<4, 1>(xm, n0, n1, ym, ldy, m0); break;
+        case 2: nib_rows_n<2, 2>(xm, n0, n1, ym, ldy, m0); break;
+        case 3: nib_rows_n<2, 3>(xm, n0, n1, ym, ldy, m0); break;
+        default: nib_rows_n<2, 4>(xm, n0, n1, ym, ldy, m0); break;
+      }
+    }
+  }
+
+  // int4, 128 columns per step from 64 bytes read as 32 16-bit lanes: lane i holds columns 4i..4i+3, one
+  // per nibble. (nibble | 0x4300) is the bf16 of 128 + q, so no table or widening is needed; the 128 is
+  // taken off with the zero point: Σ (q − z)·x = Σ (128 + q)·x − (128 + z)·Σx. Accumulator lanes 0-7
+  // hold columns 0-63 of the step, lanes 8-15 columns 64-127: each half gets its group's scale.
+  void wide_block(const uint16_t* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t mb = std::min<int64_t>(4, M - m0);
+      const uint16_t* xm = x + m0 * K;
+      float* ym = y + m0 * ldy;
+      switch (mb) {
+        case 1: wide_rows_n<4, 1>(xm, n0, n1, ym, ldy, m0); break;
+        case 2: wide_rows_n<2, 2>(xm, n0, n1, ym, ldy, m0); break;
+        case 3: wide_rows_n<2, 3>(xm, n0, n1, ym, ldy, m0); break;
+        default: wide_rows_n<2, 4>(xm, n0, n1, ym, ldy, m0); break;
+      }
+    }
+  }
+
+  template <int R, int MB>
+  void wide_rows_n(const uint16_t* x, int64_t n0, int64_t n1, float* y, int64_t ldy, int64_t m0) const {
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) wide_rows<R, MB>(x, n, y, ldy, m0);
+    for (; n < n1; ++n) wide_rows<1, MB>(x, n, y, ldy, m0);
+  }
+
+  template <int R, int MB>
+  void wide_rows(const uint16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0) const {
+    const __m512i nib = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+    const int64_t G = groups();
+    __m512 acc[R][MB];
+    float corr[R][MB];
+    const uint8_t* row[R];
+    for (int r = 0; r < R; ++r) {
+      row[r] = q + (n + r) * row_bytes();
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps(), corr[r][m] = 0.f;
+      for (int64_t g = 0; g < G; ++g) {  // Σ_g (128 + z)·s·Σx, per row and activation row
+        const float zs = (128.f + static_cast<float>(zero[(n + r) * G + g])) * scale[(n + r) * G + g];
+        for (int m = 0; m < MB; ++m) corr[r][m] = std::fma(zs, xsum[(m0 + m) * G + g], corr[r][m]);
+      }
+    }
+    const int gs = __builtin_ctzll(static_cast<unsigned long long>(group));  // groups are powers of two
+    for (int64_t k = 0; k < K; k += 128) {
+      __m512bh v[R][4];
+      __m512 sv[R];
+      for (int r = 0; r < R; ++r) {
+        const __m512i b = _mm512_loadu_si512(row[r] + k / 2);
+        // (b >> shift) & 0xF | 0x4300 in one ternary-logic op each: A & B | C is 0xEA
+        v[r][0] = (__m512bh)_mm512_ternarylogic_epi32(b, nib, bias, 0xEA);
+        v[r][1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 4), nib, bias, 0xEA);
+        v[r][2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 8), nib, bias, 0xEA);
+        v[r][3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 12), nib, bias, 0xEA);
+        const float* sc = scale + (n + r) * G;
+        sv[r] = _mm512_insertf32x8(_mm512_set1_ps(sc[k >> gs]), _mm256_set1_ps(sc[(k + 64) >> gs]), 1);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const uint16_t* xk = x + m * K + k;
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xk), x1 = (__m512bh)_mm512_loadu_si512(xk + 32);
+        const __m512bh x2 = (__m512bh)_mm512_loadu_si512(xk + 64), x3 = (__m512bh)_mm512_loadu_si512(xk + 96);
+        for (int r = 0; r < R; ++r) {
+          __m512 part = _mm512_dpbf16_ps(_mm512_setzero_ps(), v[r][0], x0);
+          part = _mm512_dpbf16_ps(part, v[r][1], x1);
+          part = _mm512_dpbf16_ps(part, v[r][2], x2);
+          part = _mm512_dpbf16_ps(part, v[r][3], x3);
+          acc[r][m] = _mm512_fmadd_ps(part, sv[r], acc[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) - corr[r][m];
+  }
+
+  template <int R, int MB>
+  void nib_rows_n(const uint16_t* x, int64_t n0, int64_t n1, float* y, int64_t ldy, int64_t m0) const {
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) nib_rows<R, MB>(x, n, y, ldy, m0);
+    for (; n < n1; ++n) nib_rows<1, MB>(x, n, y, ldy, m0);
+  }
+
+  template <int R, int MB>
+  void nib_rows(const uint16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0) const {
+    const __m512i lut = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150,
+                                         0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080,
+                                         0x4040, 0x4000, 0x3F80, 0x0000);  // bf16 of 15..0
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const int64_t G = groups();
+    __m512 acc[R][MB];
+    float corr[R][MB];
+    const uint8_t* row[R];
+    for (int r = 0; r < R; ++r) {
+      row[r] = q + (n + r) * row_bytes();
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps(), corr[r][m] = 0.f;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 part[R][MB];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MB; ++m) part[r][m] = _mm512_setzero_ps();
+      const int64_t k1 = std::min(K, (g + 1) * group);
+      for (int64_t k = g * group; k < k1; k += 64) {
+        __m512bh even[R], odd[R];
+        for (int r = 0; r < R; ++r) {
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k / 2));
+          even[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(b, low)), lut);
+          odd[r] = (__m512bh)_mm512_permutexvar_epi16(
+              _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low)), lut);
+        }
+        for (int m = 0; m < MB; ++m) {
+          const __m512bh xe = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+          const __m512bh xo = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32);
+          for (int r = 0; r < R; ++r) part[r][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(part[r][m], even[r], xe), odd[r], xo);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const float sc = scale[(n + r) * G + g], zs = static_cast<float>(zero[(n + r) * G + g]) * sc;
+        const __m512 sv = _mm512_set1_ps(sc);
+        for (int m = 0; m < MB; ++m) {
+          acc[r][m] = _mm512_fmadd_ps(part[r][m], sv, acc[r][m]);
+          corr[r][m] = std::fma(zs, xsum[(m0 + m) * G + g], corr[r][m]);  // fused whatever the row count
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) - corr[r][m];
+  }
+
+  template <int FMT, int R, int MB>
+  void dp_rows(const uint16_t* x, int64_t n, float* y, int64_t ldy) const {
+    __m512 acc[R][MB];
+    const uint8_t* row[R];
+    for (int r = 0; r < R; ++r) {
+      row[r] = q + (n + r) * row_bytes();
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+    }
+    auto step = [&](int64_t k, const __m512* s, const __m512* zs) {
+      __m512bh w[R];
+      for (int r = 0; r < R; ++r) w[r] = load32<FMT>(row[r], k, s ? s[r] : __m512(), zs ? zs[r] : __m512());
+      for (int m = 0; m < MB; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w[r], xv);
+      }
+    };
+    if constexpr (FMT == I4) {
+      const int64_t G = groups();
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 s[R], zs[R];
+        for (int r = 0; r < R; ++r) {
+          const float sc = scale[(n + r) * G + g];
+          s[r] = _mm512_set1_ps(sc);
+          zs[r] = _mm512_set1_ps(static_cast<float>(zero[(n + r) * G + g]) * sc);
+        }
+        const int64_t k1 = std::min(K, (g + 1) * group);
+        for (int64_t k = g * group; k < k1; k += 32) step(k, s, zs);
+      }
+    } else {
+      for (int64_t k = 0; k < K; k += 32) step(k, nullptr, nullptr);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float rs = FMT == I8 ? scale[n + r] : 1.f;
+      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) * rs;
+    }
+  }
+#endif
+
+  void generic_rows(const float* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
+    float buf[CHUNK];
+    float acc[16];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
+      for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
+        const int64_t len = std::min(CHUNK, K - k0);
+        const float* w = chunk(n, k0, len, buf);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xm = x + m * K + k0;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t i = 0; i < len; ++i) s += w[i] * xm[i];
+          acc[m] += s;
+        }
+      }
+      const float rs = fmt == I8 ? scale[n] : 1.f;
+      for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = acc[m] * rs;
+    }
+  }
+
+  // y [M, N] = x [M, K] · Wᵀ, M <= 16; xb: x rounded to bf16 (the weight-only formats' activations), or null.
+  void product(const float* x, const uint16_t* xb, int64_t M, float* y) const {
+    const int64_t bytes = N * row_bytes();
+    const int64_t grain = bytes < PARALLEL_BYTES ? N : std::max<int64_t>(8, N / (4 * at::get_num_threads()));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(x, fmt == F32 ? nullptr : xb, M, n0, n1, y, N); });
+  }
+
+  // Expert e of a stacked [E, N, K] weight.
+  Weight expert(int64_t e) const {
+    Weight w = *this;
+    w.q = q + e * N * row_bytes();
+    if (scale) w.scale = scale + e * (fmt == I8 ? N : N * groups());
+    if (zero) w.zero = zero + e * N * groups();
+    return w;
+  }
+};
+
+Weight weight_of(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero, int64_t fmt, int64_t group,
+                 int64_t N, int64_t K) {
+  TORCH_CHECK(q.is_contiguous() && q.device().is_cpu(), "moedesk: weights must be contiguous CPU tensors");
+  TORCH_CHECK(fmt >= F32 && fmt <= I4, "moedesk: unknown weight format ", fmt);
+  Weight w{fmt, N, K, group, static_cast<const uint8_t*>(q.data_ptr()), nullptr, nullptr};
+  if (fmt == F32) TORCH_CHECK(q.scalar_type() == at::kFloat, "moedesk: fp32 weight expected");
+  if (fmt == BF16) TORCH_CHECK(q.scalar_type() == at::kBFloat16, "moedesk: bf16 weight expected");
+  if (fmt == I8 || fmt == I4) {
+    TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == at::kFloat, "moedesk: fp32 scales expected");
+    w.scale = scale.data_ptr<float>();
+  }
+  if (fmt == I4) {
+    TORCH_CHECK(K % 2 == 0 && group > 0 && CHUNK % group == 0 && (group & (group - 1)) == 0,
+                "moedesk: int4 needs even K and a power-of-two group dividing ", CHUNK);
+    TORCH_CHECK(zero.is_contiguous() && zero.scalar_type() == at::kByte, "moedesk: uint8 zeros expected");
+    w.zero = zero.data_ptr<uint8_t>();
+  }
+  return w;
+}
+
+inline uint16_t bf16_bits(float v) {  // round to nearest even
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float bf16_value(uint16_t b) {
+  uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// The activations x [M, K] as the kernels for weight w read them: rounded to bf16 for the bf16 dot
+// kernels (empty where they do not apply); for int4 by nibbles, each 64 columns reordered as the 32 even
+// then the 32 odd ones, and w.xsum set to Σx per row and group.
+std::vector<uint16_t> activations(const float* x, int64_t M, int64_t K, Weight& w, std::vector<float>& xsum) {
+  std::vector<uint16_t> out;
+#ifdef __AVX512BF16__
+  if (w.fmt == F32) return out;
+  out.resize(M * K);
+  if (!w.nibbles()) {
+    for (int64_t i = 0; i < M * K; ++i) out[i] = bf16_bits(x[i]);
+    return out;
+  }
+  const int64_t G = w.groups(), B = w.nibbles(), P = B / 32;  // P columns per 32-lane position
+  xsum.assign(M * G, 0.f);
+  // Block of B columns: lane i of the weight holds columns P·i .. P·i+P-1 (B=128: 4 nibbles of a 16-bit
+  // lane; B=64: the 2 nibbles of a byte); the activations go as column P·i+j at j·32 + i.
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += B)
+      for (int64_t i = 0; i < 32; ++i)
+        for (int64_t j = 0; j < P; ++j) {
+          const uint16_t v = bf16_bits(x[m * K + k + P * i + j]);
+          out[m * K + k + j * 32 + i] = v;
+          xsum[m * G + (k + P * i + j) / w.group] += bf16_value(v);
+        }
+  w.xsum = xsum.data();
+#endif
+  return out;
+}
+
+int64_t in_features(const at::Tensor& q, int64_t fmt) { return q.size(-1) * (fmt == I4 ? 2 : 1); }
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                  int64_t fmt, int64_t group) {
+  const int64_t K = in_features(q, fmt), N = q.size(0);
+  TORCH_CHECK(q.dim() == 2 && x.size(-1) == K, "moedesk.linear: x [..., ", K, "] expected");
+  at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  TORCH_CHECK(M <= 16, "moedesk.linear takes at most 16 rows");
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  Weight w = weight_of(q, scale, zero, fmt, group, N, K);
+  std::vector<float> xsum;
+  std::vector<uint16_t> xb = activations(xf.data_ptr<float>(), M, K, w, xsum);
+  w.product(xf.data_ptr<float>(), xb.empty() ? nullptr : xb.data(), M, y.data_ptr<float>());
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.view(shape);
+}
+
+at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& gu_q,
+               const at::Tensor& gu_s, const at::Tensor& gu_z, const at::Tensor& dn_q, const at::Tensor& dn_s,
+               const at::Tensor& dn_z, int64_t fmt, int64_t group) {
+  const int64_t H = in_features(gu_q, fmt), I2 = gu_q.size(1), I = I2 / 2, E = gu_q.size(0);
+  TORCH_CHECK(gu_q.dim() == 3 && dn_q.dim() == 3 && dn_q.size(1) == H && in_features(dn_q, fmt) == I,
+              "moedesk.moe: gate_up [E, 2I, H] and down [E, H, I] expected");
+  at::Tensor xf = x.reshape({-1, H}).to(at::kFloat).contiguous();
+  at::Tensor id = ids.reshape({xf.size(0), -1}).to(at::kLong).contiguous();
+  at::Tensor wt = weights.reshape({xf.size(0), -1}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), k = id.size(1);
+  TORCH_CHECK(M <= 16, "moedesk.moe takes at most 16 rows");
+  Weight gate_up = weight_of(gu_q, gu_s, gu_z, fmt, group, I2, H);
+  Weight down = weight_of(dn_q, dn_s, dn_z, fmt, group, H, I);
+  at::Tensor y = at::zeros({M, H}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  const int64_t* ip = id.data_ptr<int64_t>();
+  const float* wp = wt.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> xs(M * H), h(M * I2), a(M * I), ye(M * H);
+  std::vector<int64_t> rows;
+  std::vector<float> gains;
+  for (int64_t e = 0; e < E; ++e) {  // every chosen expert once, in order, for all its rows
+    rows.clear();
+    gains.clear();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < k; ++j)
+        if (ip[m * k + j] == e) {
+          rows.push_back(m);
+          gains.push_back(wp[m * k + j]);
+        }
+    if (rows.empty()) continue;
+    const int64_t r = static_cast<int64_t>(rows.size());
+    for (int64_t i = 0; i < r; ++i) std::memcpy(&xs[i * H], xp + rows[i] * H, H * 4);
+    Weight gu = gate_up.expert(e), dn = down.expert(e);
+    std::vector<float> xsum, asum;
+    std::vector<uint16_t> xsb = activations(xs.data(), r, H, gu, xsum);
+    gu.product(xs.data(), xsb.empty() ? nullptr : xsb.data(), r, h.data());
+    for (int64_t i = 0; i < r; ++i) {
+      const float* g = &h[i * I2];
+      for (int64_t c = 0; c < I; ++c) a[i * I + c] = g[c] / (1.f + std::exp(-g[c])) * g[I + c];
+    }
+    std::vector<uint16_t> ab = activations(a.data(), r, I, dn, asum);
+    dn.product(a.data(), ab.empty() ? nullptr : ab.data(), r, ye.data());
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t c = 0; c < H; ++c) yp[rows[i] * H + c] += gains[i] * ye[i * H + c];
+  }
+  auto shape = x.sizes().vec();
+  return y.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moedesk, m) {
+  m.def("linear(Tensor x, Tensor q, Tensor scale, Tensor zero, int fmt, int group) -> Tensor");
+  m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor gu_q, Tensor gu_s, Tensor gu_z, Tensor dn_q, "
+        "Tensor dn_s, Tensor dn_z, int fmt, int group) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moedesk, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("moe", &moe);
+}

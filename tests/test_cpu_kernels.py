@@ -1,0 +1,123 @@
+"""moedesk's C++ CPU kernels (kernels/cpu) against the PyTorch reference, every format and row count."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu
+from kernels.formats import dequantize, quantize_int4, quantize_int8
+from kernels.reference import fused_moe_ref
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    """The bootstrap builds the kernels; a checkout without them builds them here (about 15 s)."""
+    if not cpu.library_path().is_file():
+        cpu.build()
+    cpu._loaded = None
+    assert cpu.available(), "the moedesk CPU kernels did not load"
+
+
+def weights(fmt: str, N: int, K: int, seed: int = 0, group: int = 64):
+    """(q, scale, zero, fmt code, group) for the op, and the fp32 weight the format means."""
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05
+    e = cpu.empty()
+    if fmt == "fp32":
+        return (w, e, e, 0, 0), w
+    if fmt == "bf16":
+        return (w.bfloat16(), e, e, 1, 0), w.bfloat16().float()
+    if fmt == "int8":
+        q = quantize_int8(w)
+        return (q.qweight, q.scale, e, 2, 0), dequantize(q, torch.float32)
+    q = quantize_int4(w, group)
+    return (q.qweight, q.scale, q.zero, 3, group), dequantize(q, torch.float32)
+
+
+# Weight-only formats dot bf16-rounded activations (as torch's CPU kernels did before): their error is
+# the activations' rounding, ~2^-9 relative.
+TOL = {"fp32": 1e-5, "bf16": 6e-3, "int8": 6e-3, "int4": 6e-3}
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("shape", [(96, 64), (256, 192), (160, 1408), (48, 200)])
+def test_linear_matches_the_reference_for_every_row_count(fmt, shape):
+    N, K = shape
+    if fmt == "int4" and K % 64:
+        K = K // 64 * 64 + 64  # int4 groups of 64
+    args, w = weights(fmt, N, K)
+    x = torch.randn(16, K, generator=torch.Generator().manual_seed(1))
+    ref = x @ w.T
+    rows = {}
+    for M in (1, 2, 3, 5, 8, 16):
+        y = torch.ops.moedesk.linear(x[:M], *args)
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        err = ((y - ref[:M]).norm() / ref[:M].norm()).item()
+        assert err < TOL[fmt], (fmt, shape, M, err)
+        rows[M] = y
+    # The same bits for a row whatever else is in the batch: verification equals one-token steps.
+    for M in (2, 3, 5, 8, 16):
+        assert torch.equal(rows[M][0], rows[1][0])
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_groups_and_a_batch_shape(group):
+    args, w = weights("int4", 64, 256, group=group)
+    x = torch.randn(2, 3, 256)
+    y = torch.ops.moedesk.linear(x, *args)
+    ref = x @ w.T
+    assert y.shape == (2, 3, 64) and ((y - ref).norm() / ref.norm()) < TOL["int4"]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+def test_moe_reads_each_chosen_expert_once_and_matches_the_reference(fmt):
+    E, H, I, k = 6, 128, 64, 2
+    gu = [weights(fmt, 2 * I, H, seed=e) for e in range(E)]
+    dn = [weights(fmt, H, I, seed=100 + e) for e in range(E)]
+    stack = lambda parts, i: torch.stack([p[0][i] for p in parts]) if parts[0][0][i].numel() else cpu.empty()  # noqa
+    args = [stack(gu, 0), stack(gu, 1), stack(gu, 2), stack(dn, 0), stack(dn, 1), stack(dn, 2), gu[0][0][3],
+            gu[0][0][4]]
+    gate_up = torch.stack([p[1] for p in gu])
+    down = torch.stack([p[1] for p in dn])
+    g = torch.Generator().manual_seed(3)
+    for M in (1, 3, 5):
+        x = torch.randn(M, H, generator=g)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(M)])
+        w = torch.rand(M, k, generator=g)
+        y = torch.ops.moedesk.moe(x, ids, w, *args[:6], args[6], args[7])
+        ref = fused_moe_ref(x, w, ids, gate_up, down)
+        assert ((y - ref).norm() / ref.norm()) < 2 * TOL[fmt], (fmt, M)
+
+
+def test_bad_arguments_are_errors_not_crashes():
+    args, _ = weights("fp32", 8, 64)
+    with pytest.raises(RuntimeError, match="x \\[..., 64\\]"):
+        torch.ops.moedesk.linear(torch.randn(1, 32), *args)
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        torch.ops.moedesk.linear(torch.randn(17, 64), *args)
+    bad = (args[0].bfloat16(),) + args[1:]
+    with pytest.raises(RuntimeError, match="fp32 weight expected"):
+        torch.ops.moedesk.linear(torch.randn(1, 64), *bad)
+
+
+def test_the_engine_uses_the_kernels_and_can_do_without(monkeypatch):
+    """A model's decode-shaped products go through the kernels; with them off, the PyTorch products give
+    the same logits (fp32) within rounding."""
+    from engine.model.config import parse_config
+    from engine.model.transformer import Transformer
+    from engine.tiny import tiny_config
+
+    model = Transformer(parse_config(tiny_config()), n_mtp=1)
+    model.init_weights(seed=0, std=0.1)
+    model.eval()
+    tokens = torch.randint(2, 96, (1, 6))
+    calls = []
+    real = torch.ops.moedesk.linear
+    with torch.inference_mode():
+        model.setup_caches(1, 32)
+        model(tokens[:, :5], 0)
+        monkeypatch.setattr(torch.ops.moedesk, "linear", lambda *a: calls.append(1) or real(*a))
+        fast = model.logits(model(tokens[:, 5:], 5))
+        monkeypatch.setattr(cpu, "_loaded", False)
+        model(tokens[:, :5], 0)
+        slow = model.logits(model(tokens[:, 5:], 5))
+    assert calls and torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
