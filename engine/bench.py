@@ -100,7 +100,31 @@ class LlamaRunner:
     def describe(self) -> dict:
         info = self.backend.info()
         return {"engine": "llama.cpp", "quantization": info["quantization"], "model_bytes": info["weight_bytes"],
-                "threads": info["threads"], "draft": info["draft"]}
+                "bytes_per_token": gguf_bytes_per_token(info["path"]), "threads": info["threads"],
+                "draft": info["draft"]}
+
+
+def gguf_bytes_per_token(path: str) -> int:
+    """What one decoded token reads of a GGUF's tensors, counted as weight_bytes counts a native model's:
+    one embedding row, the top-k of each layer's stacked experts, the MTP (nextn) layers left out."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    field = lambda key: next((int(f.parts[f.data[0]][0]) for k, f in reader.fields.items() if k.endswith(key)), 0)  # noqa: E731
+    layers, experts, k = field(".block_count"), field(".expert_count"), field(".expert_used_count")
+    nextn = field(".nextn_predict_layers")
+    total = 0
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk" and int(parts[1]) >= layers - nextn:
+            continue
+        n = int(t.n_bytes)
+        if t.name.startswith("token_embd"):
+            n //= int(t.shape[-1])  # one row of [vocab, hidden] (gguf lists the shape inner dimension first)
+        elif "_exps" in t.name and experts:
+            n = n * k // experts
+        total += n
+    return total
 
 
 def load_prompts(path: str | None) -> list[dict]:
@@ -137,8 +161,9 @@ def run_bench(models, prompts: list[dict], configs: list[BenchConfig], max_token
     encoded = [(p["name"], next(iter(runners.values())).encode(p)) for p in prompts]
     for cfg in configs:  # warm-up, untimed: allocations, and the draft-length controller's first probes
         runners[cfg.variant](encoded[0][1], params, cfg)
-    runs = []
+    runs, bandwidth = [], []
     for r in range(repeat):
+        bandwidth.append(read_bandwidth())  # each round: the machine's bandwidth drifts as its timings do
         for name, ids in encoded:
             order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate to spread drift
             for cfg in order:
@@ -148,10 +173,29 @@ def run_bench(models, prompts: list[dict], configs: list[BenchConfig], max_token
                 if progress:
                     progress(len(runs), repeat * len(encoded) * len(configs))
     result = summarize(runs, configs, encoded)
+    result["read_bandwidth_bytes_per_s"] = statistics.median(bandwidth)
+    result["read_bandwidth_per_round"] = bandwidth
     result["variants"] = {name: runner.describe() for name, runner in runners.items()}
+    for name, v in result["variants"].items():  # what each variant's plain decoding reads per second
+        off = result["configs"].get(f"{name} off" if name else "off")
+        if off and v.get("bytes_per_token"):
+            v["plain_read_bytes_per_s"] = v["bytes_per_token"] * off["median_decode_tokens_per_s"]
+            v["bandwidth_fraction"] = v["plain_read_bytes_per_s"] / result["read_bandwidth_bytes_per_s"]
     if len(runners) > 1:
         result["engines"] = compare_variants(result, configs)
     return result
+
+
+def read_bandwidth(mib: int = 512, repeat: int = 5) -> float:
+    """This machine's read bandwidth, bytes/s: the median time to sum a 512 MiB fp32 tensor with torch's
+    threads (on the model's machine and in the same run, so the fractions below compare like with like)."""
+    t = torch.ones(mib * 2**18)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        t.sum()
+        times.append(time.perf_counter() - t0)
+    return t.numel() * 4 / statistics.median(times)
 
 
 def compare_variants(result: dict, configs: list[BenchConfig]) -> dict:
@@ -269,7 +313,14 @@ def format_table(result: dict) -> str:
             what = f"{v['engine']}, {v.get('quantization') or 'full precision'}, weights {v['model_bytes'] / 2**20:.1f} MiB"
             if "bytes_per_token" in v:
                 what += f", read per token {v['bytes_per_token'] / 2**20:.2f} MiB"
+            if "bandwidth_fraction" in v:
+                what += (f", plain decode reads {v['plain_read_bytes_per_s'] / 1e9:.1f} GB/s = "
+                         f"{100 * v['bandwidth_fraction']:.0f}% of the measured "
+                         f"{result['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
             lines.append(f"{name:<10} {what}; plain decode {off['speedup_vs_first_variant_off']:.2f}x of {first}")
+    if result.get("read_bandwidth_bytes_per_s"):
+        lines.append(f"read bandwidth: {result['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+                     f"(a 512 MiB fp32 sum, torch's threads, median of one measurement per round)")
     for name, e in result.get("engines", {}).items():
         ratio = e["best_vs_first_best"]
         lines.append(f"{name:<10} best: {e['best']} {e['best_tokens_per_s']:.1f} tok/s "
