@@ -121,3 +121,35 @@ def test_the_engine_uses_the_kernels_and_can_do_without(monkeypatch):
         model(tokens[:, :5], 0)
         slow = model.logits(model(tokens[:, 5:], 5))
     assert calls and torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "int8", "int4", "no-q-lora", "halves"])
+def test_fused_attention_decode_matches_the_pytorch_layers(variant, monkeypatch):
+    """moedesk::mla_decode (norm, projections, rotary, cache write, absorbed attention, out_proj and the
+    residual in one call) against the PyTorch path, for one new token and for a verification of four."""
+    from engine.model.config import parse_config
+    from engine.model.transformer import Transformer
+    from engine.quant import QuantSpec, quantize_model
+    from engine.tiny import tiny_config
+
+    over = {"no-q-lora": {"q_lora_rank": 0}, "halves": {"rope_interleave": False}}.get(variant, {})
+    model = Transformer(parse_config(tiny_config(**over)))
+    model.init_weights(seed=1, std=0.1)
+    model.eval()
+    if variant == "bf16":
+        model.to(torch.bfloat16)
+    if variant in ("int8", "int4"):
+        quantize_model(model, QuantSpec(variant))
+    tokens = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(2))
+    out = {}
+    for fused in (True, False):
+        monkeypatch.setattr(cpu, "_loaded", fused)
+        with torch.inference_mode():
+            model.setup_caches(1, 32)
+            model(tokens[:, :7], 0)
+            one = model.logits(model(tokens[:, 7:8], 7))
+            four = model.logits(model(tokens[:, 8:12], 8))
+        out[fused] = (one, four)
+    tol = 2e-4 if variant in ("fp32", "no-q-lora", "halves") else 3e-2
+    for a, b in zip(out[True], out[False]):
+        assert (a - b).abs().max() < tol * max(1.0, b.abs().max()), variant

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from engine.model.config import ModelConfig
 from engine.model.rope import RotaryEmbedding
-from engine.model.linear import Linear
+from engine.model.linear import CPU_FORMATS, Linear, cpu_weight, decode_shaped
 
 
 class RMSNorm(torch.nn.Module):
@@ -94,6 +94,8 @@ class MLA(torch.nn.Module):
         self.out_proj = Linear(nh * cfg.v_head_dim, H, bias=False)
         self.cache: LatentCache | None = None
         self._absorbed: tuple | None = None  # (key of kv_up_proj.weight, w_k, w_v)
+        self._fused: tuple | None = None  # (key of the weights, fused_args)
+        self.rotary_interleave = cfg.rope_interleave
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -136,6 +138,53 @@ class MLA(torch.nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, T, nh, v]
+
+    def fused_decode(self, x: torch.Tensor, norm: RMSNorm, freqs: torch.Tensor, start_pos) -> torch.Tensor | None:
+        """x + self(norm(x)) for a few new tokens in one call of moedesk's CPU kernel (kernels/cpu), or None
+        where it does not apply (prefill, the static step, batches, the GPU, a weight format it lacks)."""
+        if (not isinstance(start_pos, int) or start_pos <= 0 or self.cache is None or x.shape[0] != 1
+                or not decode_shaped(x)):
+            return None
+        args = self.fused_args(norm)
+        if args is None:
+            return None
+        tensors, ints, floats = args
+        if start_pos + x.shape[1] > self.cache.max_len:
+            raise ValueError(f"context full: position {start_pos + x.shape[1]} exceeds the cache of "
+                             f"{self.cache.max_len} tokens")
+        cos, sin = (freqs.real, freqs.imag) if freqs.is_complex() else (freqs[0], freqs[1])
+        y = torch.ops.moedesk.mla_decode(x[0], tensors, [start_pos] + ints, floats, self.cache.kv[0], cos, sin)
+        return y[None].to(x.dtype)
+
+    def fused_args(self, norm: RMSNorm):
+        """The kernel's tensors and settings, made once per set of weights (None: a format it lacks)."""
+        projections = ([self.q_down_proj, self.q_up_proj] if hasattr(self, "q_down_proj") else [self.q_proj])
+        projections += [self.kv_down_proj, self.out_proj]
+        key = tuple((t.data_ptr(), t._version) for t in [norm.weight, self.kv_up_proj.weight] +
+                    [b for m in projections for b in [*m.parameters(), *m.buffers()]])
+        if self._fused is not None and self._fused[0] == key:
+            return self._fused[1]
+        parts = [cpu_weight(m) for m in projections]
+        w = self.kv_up_proj.weight.detach()
+        if any(p is None for p in parts) or w.dtype not in CPU_FORMATS:
+            self._fused = (key, None)
+            return None
+        e = torch.empty(0)
+        f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
+        if hasattr(self, "q_down_proj"):
+            (qd, qd_fmt, qd_group), q_norm, rest = parts[0], f32(self.q_norm.weight), parts[1:]
+        else:
+            (qd, qd_fmt, qd_group), q_norm, rest = ((e, e, e), 0, 0), e, parts
+        (qu, qu_fmt, qu_group), (kvd, kvd_fmt, kvd_group), (out, out_fmt, out_group) = rest
+        w_k, w_v = self.split_up_proj(w)  # [nh, nope, C] scaled, [nh, C, V]
+        tensors = [f32(norm.weight), *qd, q_norm, *qu, *kvd, f32(self.kv_norm.weight),
+                   w_k.transpose(1, 2).contiguous(), w_v.transpose(1, 2).contiguous(), *out]
+        q_lora = self.q_down_proj.out_features if hasattr(self, "q_down_proj") else 0
+        ints = [self.n_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_lora_rank, q_lora,
+                int(self.rotary_interleave), qd_fmt, qd_group, qu_fmt, qu_group, kvd_fmt, kvd_group,
+                CPU_FORMATS[w.dtype], out_fmt, out_group]
+        self._fused = (key, (tensors, ints, [norm.eps, self.softmax_scale]))
+        return self._fused[1]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_up_proj split per head for the absorbed products: w_k [nh, nope, C] scaled by the softmax

@@ -26,3 +26,18 @@ class Linear(torch.nn.Linear):
         if fmt is not None and self.bias is None and decode_shaped(x):
             return torch.ops.moedesk.linear(x, self.weight, cpu.empty(), cpu.empty(), fmt, 0).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
+
+
+def cpu_weight(module: torch.nn.Module) -> tuple | None:
+    """A linear layer as moedesk's kernels take it: ((q, scale, zero), format, group), or None (a format
+    they do not read, e.g. FP8)."""
+    e = cpu.empty()
+    if isinstance(module, torch.nn.Linear) and module.bias is None and module.weight.dtype in CPU_FORMATS:
+        return (module.weight.detach(), e, e), CPU_FORMATS[module.weight.dtype], 0
+    spec = getattr(module, "spec", None)
+    if spec is not None and spec.fmt in ("int8", "int4") and hasattr(module, "qweight"):
+        if spec.fmt == "int8":
+            return (module.qweight, module.scale, e), cpu.FORMATS["int8"], 0
+        if module.qweight.shape[-1] * 2 == module.in_features:
+            return (module.qweight, module.scale, module.zero), cpu.FORMATS["int4"], spec.group
+    return None

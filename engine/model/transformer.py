@@ -27,7 +27,8 @@ class Block(torch.nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, rotary, freqs, start_pos, mask=None):
-        x = x + self.attn(self.attn_norm(x), rotary, freqs, start_pos, mask)
+        fused = self.attn.fused_decode(x, self.attn_norm, freqs, start_pos)  # CPU decode: one kernel call
+        x = fused if fused is not None else x + self.attn(self.attn_norm(x), rotary, freqs, start_pos, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 

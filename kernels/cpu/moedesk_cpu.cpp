@@ -619,8 +619,176 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wei
 
 }  // namespace
 
+// ---- one MLA attention sub-layer for a few new tokens (decode, verification) ----------------------
+//
+// x + out_proj(attention(rms_norm(x))) with DeepSeek's absorbed MLA against the latent cache kv
+// [S_max, C + R] (the tokens' latents and rotary keys are written at rows start..start+T-1 first). What
+// engine/model/attention.py does on this path, in one call: the intermediates stay fp32.
+// w: attn_norm [H] fp32, q_down (q, scale, zero), q_norm [q_lora] fp32, q_up or q_proj (q, scale, zero),
+//    kv_down (q, scale, zero), kv_norm [C] fp32, w_k [nh, C, nope] (softmax scale folded in), w_v
+//    [nh, V, C], out_proj (q, scale, zero); unused entries empty.
+// ints: start, nh, nope, R, V, C, q_lora (0: none), interleave, then (format, group) of q_down, q_up,
+//    kv_down, the format of w_k/w_v, and (format, group) of out_proj. floats: eps, softmax scale.
+
+struct Lin {  // a linear weight from the tensor list: (q, scale, zero) with its format and group
+  Weight w;
+  Lin(const std::vector<at::Tensor>& t, size_t i, int64_t fmt, int64_t group) {
+    const at::Tensor& q = t[i];
+    const int64_t K = in_features(q, fmt);
+    w = weight_of(q, t[i + 1], t[i + 2], fmt, group, q.size(-2), K);
+  }
+  // y [M, N] = x [M, K] · Wᵀ
+  void operator()(const float* x, int64_t M, float* y) {
+    std::vector<float> xsum;
+    std::vector<uint16_t> xb = activations(x, M, w.K, w, xsum);
+    w.product(x, xb.empty() ? nullptr : xb.data(), M, y);
+  }
+};
+
+void rms_norm_rows(float* x, int64_t M, int64_t D, const float* w, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* r = x + m * D;
+    double ss = 0;
+    for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(r[i]) * r[i];
+    const float inv = 1.f / std::sqrt(static_cast<float>(ss / D) + eps);
+    for (int64_t i = 0; i < D; ++i) r[i] = r[i] * inv * w[i];
+  }
+}
+
+// Rotate v [R] of token t: interleaved pairs (v0, v1), (v2, v3).. or halves (v_i, v_{i+R/2}).
+void rope(float* v, int64_t R, const float* cos, const float* sin, bool interleave) {
+  for (int64_t i = 0; i < R / 2; ++i) {
+    const int64_t a = interleave ? 2 * i : i, b = interleave ? 2 * i + 1 : i + R / 2;
+    const float va = v[a], vb = v[b];
+    v[a] = va * cos[i] - vb * sin[i];
+    v[b] = vb * cos[i] + va * sin[i];
+  }
+}
+
+inline float load_value(const at::Tensor& t, const void* base, int64_t i) {
+  return t.scalar_type() == at::kBFloat16 ? bf16_value(static_cast<const uint16_t*>(base)[i])
+                                          : static_cast<const float*>(base)[i];
+}
+
+at::Tensor mla_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef ints, at::ArrayRef<double> floats,
+                      const at::Tensor& kv, const at::Tensor& cos, const at::Tensor& sin) {
+  const std::vector<at::Tensor> t(w.begin(), w.end());
+  const int64_t start = ints[0], nh = ints[1], nope = ints[2], R = ints[3], V = ints[4], C = ints[5];
+  const int64_t q_lora = ints[6];
+  const bool interleave = ints[7] != 0;
+  const float eps = static_cast<float>(floats[0]), scale = static_cast<float>(floats[1]);
+  TORCH_CHECK(t.size() == 17 && ints.size() == 17, "moedesk.mla_decode: 17 tensors and 17 ints expected");
+  TORCH_CHECK(kv.is_contiguous() && kv.dim() == 2 && kv.size(1) == C + R, "moedesk.mla_decode: kv [S, C+R]");
+  at::Tensor xf = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+  const int64_t T = xf.size(0), H = xf.size(1), D = nope + R, S = start + T;
+  TORCH_CHECK(T <= 16 && S <= kv.size(0), "moedesk.mla_decode: at most 16 tokens, inside the cache");
+  at::Tensor cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
+  const float* norm_w = t[0].data_ptr<float>();
+
+  std::vector<float> h(xf.data_ptr<float>(), xf.data_ptr<float>() + T * H);
+  rms_norm_rows(h.data(), T, H, norm_w, eps);
+  std::vector<float> q(T * nh * D);
+  if (q_lora) {
+    std::vector<float> a(T * q_lora);
+    Lin(t, 1, ints[8], ints[9])(h.data(), T, a.data());
+    rms_norm_rows(a.data(), T, q_lora, t[4].data_ptr<float>(), eps);
+    Lin(t, 5, ints[10], ints[11])(a.data(), T, q.data());
+  } else {
+    Lin(t, 5, ints[10], ints[11])(h.data(), T, q.data());
+  }
+  std::vector<float> lat(T * (C + R));
+  Lin(t, 8, ints[12], ints[13])(h.data(), T, lat.data());
+  for (int64_t i = 0; i < T; ++i) {
+    float* r = &lat[i * (C + R)];
+    rms_norm_rows(r, 1, C, t[11].data_ptr<float>(), eps);
+    rope(r + C, R, cf.data_ptr<float>() + i * (R / 2), sf.data_ptr<float>() + i * (R / 2), interleave);
+    for (int64_t hd = 0; hd < nh; ++hd)
+      rope(&q[(i * nh + hd) * D + nope], R, cf.data_ptr<float>() + i * (R / 2), sf.data_ptr<float>() + i * (R / 2),
+           interleave);
+  }
+  // the new tokens into the cache
+  void* kvp = kv.data_ptr();
+  for (int64_t i = 0; i < T; ++i)
+    for (int64_t c = 0; c < C + R; ++c) {
+      const int64_t at = (start + i) * (C + R) + c;
+      if (kv.scalar_type() == at::kBFloat16)
+        static_cast<uint16_t*>(kvp)[at] = bf16_bits(lat[i * (C + R) + c]);
+      else
+        static_cast<float*>(kvp)[at] = lat[i * (C + R) + c];
+    }
+  // absorbed query per head: ql[t, h] = w_k[h]ᵀ · q_nope[t, h], w_k stored [nh, C, nope], scale folded in
+  const int64_t abs_fmt = ints[14];
+  Weight wk = weight_of(t[12], t[12].new_empty({0}), t[12].new_empty({0}), abs_fmt, 0, C, nope);
+  Weight wv = weight_of(t[13], t[13].new_empty({0}), t[13].new_empty({0}), abs_fmt, 0, V, C);
+  std::vector<float> ql(nh * T * (C + R)), ol(nh * T * C), out(T * nh * V);
+  at::parallel_for(0, nh, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> xs(T * std::max(nope, C)), ys(T * std::max(C, V)), row(C + R), sc(S);
+    for (int64_t hd = h0; hd < h1; ++hd) {
+      for (int64_t i = 0; i < T; ++i) std::memcpy(&xs[i * nope], &q[(i * nh + hd) * D], nope * 4);
+      std::vector<float> s0;
+      Weight wkh = wk.expert(hd);
+      std::vector<uint16_t> xb = activations(xs.data(), T, nope, wkh, s0);
+      wkh.rows(xs.data(), xb.empty() ? nullptr : xb.data(), T, 0, C, ys.data(), C);
+      float* qh = &ql[hd * T * (C + R)];
+      for (int64_t i = 0; i < T; ++i) {
+        std::memcpy(qh + i * (C + R), &ys[i * C], C * 4);
+        for (int64_t r = 0; r < R; ++r) qh[i * (C + R) + C + r] = q[(i * nh + hd) * D + nope + r] * scale;
+      }
+      float* oh = &ol[hd * T * C];
+      std::fill(oh, oh + T * C, 0.f);
+      for (int64_t i = 0; i < T; ++i) {  // token i sees cache rows 0..start+i
+        const int64_t n = start + i + 1;
+        float mx = -INFINITY;
+        for (int64_t s2 = 0; s2 < n; ++s2) {
+          float acc = 0.f;
+          if (kv.scalar_type() == at::kBFloat16) {
+            const uint16_t* kr = static_cast<const uint16_t*>(kvp) + s2 * (C + R);
+#pragma omp simd reduction(+ : acc)
+            for (int64_t c = 0; c < C + R; ++c) acc += qh[i * (C + R) + c] * bf16_value(kr[c]);
+          } else {
+            const float* kr = static_cast<const float*>(kvp) + s2 * (C + R);
+#pragma omp simd reduction(+ : acc)
+            for (int64_t c = 0; c < C + R; ++c) acc += qh[i * (C + R) + c] * kr[c];
+          }
+          sc[s2] = acc;
+          mx = std::max(mx, acc);
+        }
+        float sum = 0.f;
+        for (int64_t s2 = 0; s2 < n; ++s2) sum += (sc[s2] = std::exp(sc[s2] - mx));
+        const float inv = 1.f / sum;
+        float* o = oh + i * C;
+        for (int64_t s2 = 0; s2 < n; ++s2) {
+          const float p = sc[s2] * inv;
+          if (kv.scalar_type() == at::kBFloat16) {
+            const uint16_t* kr = static_cast<const uint16_t*>(kvp) + s2 * (C + R);
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] += p * bf16_value(kr[c]);
+          } else {
+            const float* kr = static_cast<const float*>(kvp) + s2 * (C + R);
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) o[c] += p * kr[c];
+          }
+        }
+      }
+      Weight wvh = wv.expert(hd);
+      std::vector<float> s1;
+      std::vector<uint16_t> ob = activations(oh, T, C, wvh, s1);
+      wvh.rows(oh, ob.empty() ? nullptr : ob.data(), T, 0, V, ys.data(), V);
+      for (int64_t i = 0; i < T; ++i) std::memcpy(&out[(i * nh + hd) * V], &ys[i * V], V * 4);
+    }
+  });
+  std::vector<float> y(T * H);
+  Lin(t, 14, ints[15], ints[16])(out.data(), T, y.data());  // out_proj
+  at::Tensor res = at::empty({T, H}, xf.options());
+  float* rp = res.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
+  for (int64_t i = 0; i < T * H; ++i) rp[i] = xp[i] + y[i];
+  return res.view(x.sizes());
+}
+
 TORCH_LIBRARY(moedesk, m) {
   m.def("linear(Tensor x, Tensor q, Tensor scale, Tensor zero, int fmt, int group) -> Tensor");
+  m.def("mla_decode(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!) kv, Tensor cos, Tensor sin) -> Tensor");
   m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor gu_q, Tensor gu_s, Tensor gu_z, Tensor dn_q, "
         "Tensor dn_s, Tensor dn_z, int fmt, int group) -> Tensor");
 }
@@ -628,4 +796,5 @@ TORCH_LIBRARY(moedesk, m) {
 TORCH_LIBRARY_IMPL(moedesk, CPU, m) {
   m.impl("linear", &linear);
   m.impl("moe", &moe);
+  m.impl("mla_decode", &mla_decode);
 }
