@@ -29,7 +29,8 @@ class Block(torch.nn.Module):
     def forward(self, x, rotary, freqs, start_pos, mask=None):
         fused = self.attn.fused_decode(x, self.attn_norm, freqs, start_pos)  # CPU decode: one kernel call
         x = fused if fused is not None else x + self.attn(self.attn_norm(x), rotary, freqs, start_pos, mask)
-        return x + self.ffn(self.ffn_norm(x))
+        fused = self.ffn.fused_decode(x, self.ffn_norm) if hasattr(self.ffn, "fused_decode") else None
+        return fused if fused is not None else x + self.ffn(self.ffn_norm(x))
 
 
 class MTPModule(torch.nn.Module):

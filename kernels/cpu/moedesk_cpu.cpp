@@ -40,6 +40,7 @@ struct Weight {
   const float* scale;
   const uint8_t* zero;
   const float* xsum = nullptr;  // int4 by nibbles: Σx of the bf16 activations per row and group [M, G]
+  int64_t count = 1;            // matrices in a stacked weight [count, N, K] (experts)
 
   int64_t groups() const { return (K + group - 1) / group; }
 
@@ -490,6 +491,7 @@ Weight weight_of(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
   TORCH_CHECK(q.is_contiguous() && q.device().is_cpu(), "moedesk: weights must be contiguous CPU tensors");
   TORCH_CHECK(fmt >= F32 && fmt <= I4, "moedesk: unknown weight format ", fmt);
   Weight w{fmt, N, K, group, static_cast<const uint8_t*>(q.data_ptr()), nullptr, nullptr};
+  w.count = q.dim() == 3 ? q.size(0) : 1;
   if (fmt == F32) TORCH_CHECK(q.scalar_type() == at::kFloat, "moedesk: fp32 weight expected");
   if (fmt == BF16) TORCH_CHECK(q.scalar_type() == at::kBFloat16, "moedesk: bf16 weight expected");
   if (fmt == I8 || fmt == I4) {
@@ -567,28 +569,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sc
   return y.view(shape);
 }
 
-at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& gu_q,
-               const at::Tensor& gu_s, const at::Tensor& gu_z, const at::Tensor& dn_q, const at::Tensor& dn_s,
-               const at::Tensor& dn_z, int64_t fmt, int64_t group) {
-  const int64_t H = in_features(gu_q, fmt), I2 = gu_q.size(1), I = I2 / 2, E = gu_q.size(0);
-  TORCH_CHECK(gu_q.dim() == 3 && dn_q.dim() == 3 && dn_q.size(1) == H && in_features(dn_q, fmt) == I,
-              "moedesk.moe: gate_up [E, 2I, H] and down [E, H, I] expected");
-  at::Tensor xf = x.reshape({-1, H}).to(at::kFloat).contiguous();
-  at::Tensor id = ids.reshape({xf.size(0), -1}).to(at::kLong).contiguous();
-  at::Tensor wt = weights.reshape({xf.size(0), -1}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0), k = id.size(1);
-  TORCH_CHECK(M <= 16, "moedesk.moe takes at most 16 rows");
-  Weight gate_up = weight_of(gu_q, gu_s, gu_z, fmt, group, I2, H);
-  Weight down = weight_of(dn_q, dn_s, dn_z, fmt, group, H, I);
-  at::Tensor y = at::zeros({M, H}, x.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
-  const int64_t* ip = id.data_ptr<int64_t>();
-  const float* wp = wt.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// y[m] += Σ_j wts[m, j] · expert_{ids[m, j]}(x[m]) for M rows: every chosen expert once, in order.
+void moe_accumulate(const float* xp, int64_t M, const int64_t* ip, const float* wp, int64_t k, Weight& gate_up,
+                    Weight& down, float* yp) {
+  const int64_t E = gate_up.count, H = gate_up.K, I2 = gate_up.N, I = I2 / 2;
   std::vector<float> xs(M * H), h(M * I2), a(M * I), ye(M * H);
   std::vector<int64_t> rows;
   std::vector<float> gains;
-  for (int64_t e = 0; e < E; ++e) {  // every chosen expert once, in order, for all its rows
+  for (int64_t e = 0; e < E; ++e) {
     rows.clear();
     gains.clear();
     for (int64_t m = 0; m < M; ++m)
@@ -613,11 +601,26 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wei
     for (int64_t i = 0; i < r; ++i)
       for (int64_t c = 0; c < H; ++c) yp[rows[i] * H + c] += gains[i] * ye[i * H + c];
   }
-  auto shape = x.sizes().vec();
-  return y.view(shape);
 }
 
-}  // namespace
+at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& gu_q,
+               const at::Tensor& gu_s, const at::Tensor& gu_z, const at::Tensor& dn_q, const at::Tensor& dn_s,
+               const at::Tensor& dn_z, int64_t fmt, int64_t group) {
+  const int64_t H = in_features(gu_q, fmt), I2 = gu_q.size(1), I = I2 / 2, E = gu_q.size(0);
+  TORCH_CHECK(gu_q.dim() == 3 && dn_q.dim() == 3 && dn_q.size(1) == H && in_features(dn_q, fmt) == I,
+              "moedesk.moe: gate_up [E, 2I, H] and down [E, H, I] expected");
+  at::Tensor xf = x.reshape({-1, H}).to(at::kFloat).contiguous();
+  at::Tensor id = ids.reshape({xf.size(0), -1}).to(at::kLong).contiguous();
+  at::Tensor wt = weights.reshape({xf.size(0), -1}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), k = id.size(1);
+  TORCH_CHECK(M <= 16, "moedesk.moe takes at most 16 rows");
+  Weight gate_up = weight_of(gu_q, gu_s, gu_z, fmt, group, I2, H);
+  Weight down = weight_of(dn_q, dn_s, dn_z, fmt, group, H, I);
+  at::Tensor y = at::zeros({M, H}, x.options().dtype(at::kFloat));
+  moe_accumulate(xf.data_ptr<float>(), M, id.data_ptr<int64_t>(), wt.data_ptr<float>(), k, gate_up, down,
+                 y.data_ptr<float>());
+  return y.view(x.sizes());
+}
 
 // ---- one MLA attention sub-layer for a few new tokens (decode, verification) ----------------------
 //
@@ -786,8 +789,115 @@ at::Tensor mla_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef int
   return res.view(x.sizes());
 }
 
+// ---- one MoE feed-forward sub-layer for a few tokens ------------------------------------------------
+//
+// x + shared(h) + Σ_j w_j · expert_j(h), h = rms_norm(x), with the router in the same call: scores
+// (sigmoid or softmax of h · Wᵀ in fp32), the score-correction bias and the group limit choosing the
+// experts, their weights from the unbiased scores. Returns (y, ids [T, k], scores [T, E]) so that routing
+// statistics still see every choice. What engine/model/moe.py + engine/routing.py do, in one call.
+// w: ffn_norm [H] fp32, router weight [E, H] fp32, bias [E] fp32, gate_up (q, s, z), down (q, s, z), then
+//    the shared experts' gate, up, down (q, s, z each; empty without shared experts).
+// ints: experts' (format, group), top_k, n_group, topk_group, method (0 greedy, 1 group-limited greedy,
+//    2 noaux_tc), scoring (0 sigmoid, 1 softmax), norm_topk_prob, v2 weighting, shared (0/1), then
+//    (format, group) of the shared gate, up, down. floats: eps, routed scaling.
+std::vector<at::Tensor> moe_ffn(const at::Tensor& x, at::TensorList w, at::IntArrayRef ints,
+                                at::ArrayRef<double> floats) {
+  const std::vector<at::Tensor> t(w.begin(), w.end());
+  TORCH_CHECK(t.size() == 18 && ints.size() == 16, "moedesk.moe_ffn: 18 tensors and 16 ints expected");
+  at::Tensor xf = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+  const int64_t T = xf.size(0), H = xf.size(1), E = t[1].size(0);
+  const int64_t fmt = ints[0], group = ints[1], top_k = ints[2], n_group = ints[3], topk_group = ints[4];
+  const int64_t method = ints[5], scoring = ints[6];
+  const bool norm_topk = ints[7] != 0, v2 = ints[8] != 0, shared = ints[9] != 0;
+  const float eps = static_cast<float>(floats[0]), scaling = static_cast<float>(floats[1]);
+  TORCH_CHECK(T <= 16 && top_k <= E, "moedesk.moe_ffn: at most 16 tokens");
+  std::vector<float> h(xf.data_ptr<float>(), xf.data_ptr<float>() + T * H);
+  rms_norm_rows(h.data(), T, H, t[0].data_ptr<float>(), eps);
+
+  at::Tensor scores = at::empty({T, E}, xf.options()), ids = at::empty({T, top_k}, xf.options().dtype(at::kLong));
+  float* sp = scores.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  std::vector<float> gains(T * top_k);
+  const float* rw = t[1].data_ptr<float>();
+  const float* bias = t[2].data_ptr<float>();
+  for (int64_t i = 0; i < T; ++i) {
+    float* sc = sp + i * E;
+    for (int64_t e = 0; e < E; ++e) {
+      float acc = 0.f;
+      const float* r = rw + e * H;
+      const float* hv = &h[i * H];
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < H; ++c) acc += r[c] * hv[c];
+      sc[e] = acc;
+    }
+    if (scoring == 0) {
+      for (int64_t e = 0; e < E; ++e) sc[e] = 1.f / (1.f + std::exp(-sc[e]));
+    } else {
+      float mx = -INFINITY, sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) mx = std::max(mx, sc[e]);
+      for (int64_t e = 0; e < E; ++e) sum += (sc[e] = std::exp(sc[e] - mx));
+      for (int64_t e = 0; e < E; ++e) sc[e] /= sum;
+    }
+    std::vector<float> choice(sc, sc + E);
+    if (method == 2)
+      for (int64_t e = 0; e < E; ++e) choice[e] += bias[e];
+    if (method != 0 && n_group > 1) {  // keep the best topk_group groups
+      const int64_t per = E / n_group;
+      std::vector<std::pair<float, int64_t>> gs(n_group);
+      for (int64_t g = 0; g < n_group; ++g) {
+        std::vector<float> v(choice.begin() + g * per, choice.begin() + (g + 1) * per);
+        std::sort(v.begin(), v.end(), std::greater<float>());
+        gs[g] = {method == 2 ? v[0] + (per > 1 ? v[1] : 0.f) : v[0], g};
+      }
+      std::stable_sort(gs.begin(), gs.end(), [](auto& a, auto& b) { return a.first > b.first; });
+      std::vector<bool> keep(n_group, false);
+      for (int64_t g = 0; g < topk_group; ++g) keep[gs[g].second] = true;
+      for (int64_t e = 0; e < E; ++e)
+        if (!keep[e / per]) choice[e] = -INFINITY;
+    }
+    std::vector<int64_t> order(E);
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return choice[a] > choice[b]; });
+    float sum = 0.f;
+    for (int64_t j = 0; j < top_k; ++j) {
+      ip[i * top_k + j] = order[j];
+      gains[i * top_k + j] = sc[order[j]];
+      sum += sc[order[j]];
+    }
+    for (int64_t j = 0; j < top_k; ++j) {
+      float& g = gains[i * top_k + j];
+      if (v2)
+        g = norm_topk && top_k > 1 ? g / (sum + 1e-20f) : g * scaling;
+      else
+        g = (norm_topk ? g / (sum + 1e-20f) : g) * scaling;
+    }
+  }
+  std::vector<float> y(T * H, 0.f);
+  Weight gate_up = weight_of(t[3], t[4], t[5], fmt, group, t[3].size(1), in_features(t[3], fmt));
+  Weight down = weight_of(t[6], t[7], t[8], fmt, group, H, in_features(t[6], fmt));
+  moe_accumulate(h.data(), T, ip, gains.data(), top_k, gate_up, down, y.data());
+  if (shared) {
+    Lin gate(t, 9, ints[10], ints[11]), up(t, 12, ints[12], ints[13]), dn(t, 15, ints[14], ints[15]);
+    const int64_t I = gate.w.N;
+    std::vector<float> g(T * I), u(T * I), ys(T * H);
+    gate(h.data(), T, g.data());
+    up(h.data(), T, u.data());
+    for (int64_t i = 0; i < T * I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    dn(g.data(), T, ys.data());
+    for (int64_t i = 0; i < T * H; ++i) y[i] += ys[i];
+  }
+  at::Tensor res = at::empty({T, H}, xf.options());
+  float* rp = res.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
+  for (int64_t i = 0; i < T * H; ++i) rp[i] = xp[i] + y[i];
+  return {res.view(x.sizes()), ids, scores};
+}
+
+}  // namespace
+
 TORCH_LIBRARY(moedesk, m) {
   m.def("linear(Tensor x, Tensor q, Tensor scale, Tensor zero, int fmt, int group) -> Tensor");
+  m.def("moe_ffn(Tensor x, Tensor[] w, int[] ints, float[] floats) -> Tensor[]");
   m.def("mla_decode(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!) kv, Tensor cos, Tensor sin) -> Tensor");
   m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor gu_q, Tensor gu_s, Tensor gu_z, Tensor dn_q, "
         "Tensor dn_s, Tensor dn_z, int fmt, int group) -> Tensor");
@@ -797,4 +907,5 @@ TORCH_LIBRARY_IMPL(moedesk, CPU, m) {
   m.impl("linear", &linear);
   m.impl("moe", &moe);
   m.impl("mla_decode", &mla_decode);
+  m.impl("moe_ffn", &moe_ffn);
 }
