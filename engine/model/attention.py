@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from engine.model.config import ModelConfig
 from engine.model.rope import RotaryEmbedding
-from engine.model.linear import CPU_FORMATS, Linear, cpu_weight, decode_shaped
+from engine.model.linear import CPU_FORMATS, Linear, FusedArgs, cpu_weight, decode_shaped, own_weights
 
 
 class RMSNorm(torch.nn.Module):
@@ -94,7 +94,7 @@ class MLA(torch.nn.Module):
         self.out_proj = Linear(nh * cfg.v_head_dim, H, bias=False)
         self.cache: LatentCache | None = None
         self._absorbed: tuple | None = None  # (key of kv_up_proj.weight, w_k, w_v)
-        self._fused: tuple | None = None  # (key of the weights, fused_args)
+        self._fused = FusedArgs()
         self.rotary_interleave = cfg.rope_interleave
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ class MLA(torch.nn.Module):
         if (not isinstance(start_pos, int) or start_pos <= 0 or self.cache is None or x.shape[0] != 1
                 or not decode_shaped(x)):
             return None
-        args = self.fused_args(norm)
+        args = self._fused.get(self, norm, lambda: self.fused_args(norm))
         if args is None:
             return None
         tensors, ints, floats = args
@@ -157,18 +157,17 @@ class MLA(torch.nn.Module):
         return y[None].to(x.dtype)
 
     def fused_args(self, norm: RMSNorm):
-        """The kernel's tensors and settings, made once per set of weights (None: a format it lacks)."""
+        """(the weights they are made of, the kernel's tensors and settings or None: a format it lacks)."""
         projections = ([self.q_down_proj, self.q_up_proj] if hasattr(self, "q_down_proj") else [self.q_proj])
         projections += [self.kv_down_proj, self.out_proj]
-        key = tuple((t.data_ptr(), t._version) for t in [norm.weight, self.kv_up_proj.weight] +
-                    [b for m in projections for b in [*m.parameters(), *m.buffers()]])
-        if self._fused is not None and self._fused[0] == key:
-            return self._fused[1]
+        sources = [norm.weight, self.kv_up_proj.weight, self.kv_norm.weight,
+                   *(t for m in projections for t in own_weights(m))]
+        if hasattr(self, "q_norm"):
+            sources.append(self.q_norm.weight)
         parts = [cpu_weight(m) for m in projections]
         w = self.kv_up_proj.weight.detach()
         if any(p is None for p in parts) or w.dtype not in CPU_FORMATS:
-            self._fused = (key, None)
-            return None
+            return sources, None
         e = torch.empty(0)
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
         if hasattr(self, "q_down_proj"):
@@ -183,8 +182,7 @@ class MLA(torch.nn.Module):
         ints = [self.n_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_lora_rank, q_lora,
                 int(self.rotary_interleave), qd_fmt, qd_group, qu_fmt, qu_group, kvd_fmt, kvd_group,
                 CPU_FORMATS[w.dtype], out_fmt, out_group]
-        self._fused = (key, (tensors, ints, [norm.eps, self.softmax_scale]))
-        return self._fused[1]
+        return sources, (tensors, ints, [norm.eps, self.softmax_scale])
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_up_proj split per head for the absorbed products: w_k [nh, nope, C] scaled by the softmax

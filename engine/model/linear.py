@@ -41,3 +41,27 @@ def cpu_weight(module: torch.nn.Module) -> tuple | None:
         if module.qweight.shape[-1] * 2 == module.in_features:
             return (module.qweight, module.scale, module.zero), cpu.FORMATS["int4"], spec.group
     return None
+
+
+class FusedArgs:
+    """A fused kernel's arguments, made from a module's weights and remade when they change: a submodule
+    replaced (quantization, loading) or a weight written in place (its version moves). The check costs a
+    few attribute reads per call, no traversal of the module tree."""
+
+    def __init__(self):
+        self.key, self.tensors, self.versions, self.value = None, [], [], None
+
+    def get(self, module: torch.nn.Module, norm: torch.nn.Module, make):
+        key = (id(norm), *map(id, module._modules.values()))
+        if key != self.key or any(t._version != v for t, v in zip(self.tensors, self.versions)):
+            self.tensors, self.value = make()
+            self.versions = [t._version for t in self.tensors]
+            self.key = key
+        return self.value
+
+
+def own_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    """A linear layer's weight tensors, by attribute: nn.Linear's weight or a quantized layer's buffers."""
+    if hasattr(module, "qweight"):
+        return [t for t in (module.qweight, module.scale, getattr(module, "zero", None)) if t is not None]
+    return [module.weight]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.config import ModelConfig
-from engine.model.linear import CPU_FORMATS, Linear, cpu_weight, decode_shaped
+from engine.model.linear import CPU_FORMATS, Linear, FusedArgs, cpu_weight, decode_shaped, own_weights
 from engine.routing import Router
 from kernels import cpu, use_triton
 
@@ -108,7 +108,7 @@ class MoE(torch.nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        self._fused: tuple | None = None  # (key of the weights, fused_args)
+        self._fused = FusedArgs()
 
     def fused_decode(self, x: torch.Tensor, norm) -> torch.Tensor | None:
         """x + self(norm(x)) for a few tokens in one call of moedesk's CPU kernel (router included; its load
@@ -116,7 +116,7 @@ class MoE(torch.nn.Module):
         r = self.router
         if torch.compiler.is_compiling() or r.policy is not None or r.online_step or not decode_shaped(x):
             return None  # a traced step keeps the layers apart (its weights are checked on the host here)
-        args = self.fused_args(norm)
+        args = self._fused.get(self, norm, lambda: self.fused_args(norm))
         if args is None:
             return None
         y, ids, scores = torch.ops.moedesk.moe_ffn(x.reshape(-1, x.shape[-1]), *args)
@@ -127,17 +127,16 @@ class MoE(torch.nn.Module):
         return y.view(x.shape).to(x.dtype)
 
     def fused_args(self, norm):
-        """The kernel's tensors and settings, made once per set of weights (None: a format it lacks)."""
+        """(the weights they are made of, the kernel's tensors and settings or None: a format it lacks)."""
         r, ex, sh = self.router, self.experts, self.shared_experts
-        key = tuple((t.data_ptr(), t._version) for t in [norm.weight, *r.parameters(), *r.buffers(),
-                                                          *ex.parameters(), *ex.buffers()])
-        if self._fused is not None and self._fused[0] == key:
-            return self._fused[1]
-        self._fused = (key, None)
+        experts = ([getattr(ex, f"{n}_{p}") for n in ("gate_up", "down") for p in ("qweight", "scale", "zero")
+                    if getattr(ex, f"{n}_{p}") is not None] if hasattr(ex, "spec") else [ex.gate_up, ex.down])
+        shared_w = [t for m in (sh.gate_proj, sh.up_proj, sh.down_proj) for t in own_weights(m)] if sh else []
+        sources = [norm.weight, r.weight, r.bias, *experts, *shared_w]
         e = cpu.empty()
         if hasattr(ex, "spec"):  # quantized experts
             if ex.spec.fmt not in ("int8", "int4"):
-                return None
+                return sources, None
             gu, dn = ex.stacked("gate_up"), ex.stacked("down")
             experts = [gu.qweight, gu.scale, e if gu.zero is None else gu.zero,
                        dn.qweight, dn.scale, e if dn.zero is None else dn.zero]
@@ -145,13 +144,11 @@ class MoE(torch.nn.Module):
         elif ex.gate_up.dtype in CPU_FORMATS:
             experts, fmt, group = [ex.gate_up.detach(), e, e, ex.down.detach(), e, e], CPU_FORMATS[ex.gate_up.dtype], 0
         else:
-            return None
+            return sources, None
         shared = [cpu_weight(m) for m in (sh.gate_proj, sh.up_proj, sh.down_proj)] if sh is not None else []
-        if any(p is None for p in shared):
-            return None
         methods = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
-        if r.method not in methods or r.scoring not in ("sigmoid", "softmax"):
-            return None
+        if any(p is None for p in shared) or r.method not in methods or r.scoring not in ("sigmoid", "softmax"):
+            return sources, None
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
         tensors = [f32(norm.weight), f32(r.weight), f32(r.bias), *experts]
         ints = [fmt, group, r.top_k, r.n_group, r.topk_group, methods[r.method], int(r.scoring == "softmax"),
@@ -159,8 +156,7 @@ class MoE(torch.nn.Module):
         for part in shared or [((e, e, e), 0, 0)] * 3:
             tensors += list(part[0])
             ints += [part[1], part[2]]
-        self._fused = (key, (tensors, ints, [norm.eps, float(r.scaling)]))
-        return self._fused[1]
+        return sources, (tensors, ints, [norm.eps, float(r.scaling)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
