@@ -165,7 +165,7 @@ class ChatSession(QObject):
         self.load_on_ready = False
         self.stream: Stream | None = None
         self.compare_runs: dict | None = None
-        self.worker.sig_event.connect(self.on_event)
+        self.worker.sig_events.connect(self.on_events)
         self.worker.sig_died.connect(self.on_worker_died)
         self.worker.sig_state.connect(self.on_worker_state)
         self.repaint = QTimer(self)
@@ -401,6 +401,10 @@ class ChatSession(QObject):
             self.worker.send(Cancel(id=self.stream.request_id))
 
     # ---- events ----
+
+    def on_events(self, events: list) -> None:
+        for ev in events:
+            self.on_event(ev)
 
     def on_event(self, ev) -> None:
         if isinstance(ev, Token) and self.stream and ev.id == self.stream.request_id:

@@ -17,6 +17,7 @@ from engine.protocol import Error, Hello, Message, ProtocolError, parse_event
 
 HEARTBEAT_MS = 3000
 HEARTBEAT_MISSES = 4  # pings unanswered while the worker is alive: shown as unresponsive
+READ_MS = 15  # the worker's output is read at most this often
 
 
 class WorkerState(enum.Enum):
@@ -28,8 +29,9 @@ class WorkerState(enum.Enum):
 
 
 class WorkerClient(QObject):
-    sig_event = Signal(object)
-    """An event (engine.protocol message) from the worker."""
+    sig_events = Signal(object)
+    """Events (engine.protocol messages) from the worker, in order: all that one read found (one signal
+    per read, not per streamed token)."""
     sig_state = Signal(object)
     """The WorkerState changed."""
     sig_died = Signal(str)
@@ -48,6 +50,12 @@ class WorkerClient(QObject):
         self.heartbeat = QTimer(self)
         self.heartbeat.setInterval(HEARTBEAT_MS)
         self.heartbeat.timeout.connect(self._ping)
+        # Output is read at most every READ_MS: a worker streaming hundreds of tokens a second would
+        # otherwise wake the GUI for every one of them, and its CPU time is taken from the model.
+        self.reader = QTimer(self)
+        self.reader.setSingleShot(True)
+        self.reader.setInterval(READ_MS)
+        self.reader.timeout.connect(self._read_stdout)
 
     # ---- lifecycle ----
 
@@ -62,7 +70,7 @@ class WorkerClient(QObject):
         env.insert("PYTHONUNBUFFERED", "1")
         proc.setProcessEnvironment(env)
         proc.setWorkingDirectory(str(ROOT))
-        proc.readyReadStandardOutput.connect(self._read_stdout)
+        proc.readyReadStandardOutput.connect(lambda: self.reader.isActive() or self.reader.start())
         proc.readyReadStandardError.connect(self._read_stderr)
         proc.finished.connect(self._finished)
         proc.errorOccurred.connect(self._error)
@@ -112,8 +120,11 @@ class WorkerClient(QObject):
     # ---- process output ----
 
     def _read_stdout(self) -> None:
+        if self.proc is None:
+            return
         self._buffer += bytes(self.proc.readAllStandardOutput())
         *lines, self._buffer = self._buffer.split(b"\n")
+        events = []
         for line in lines:
             if not line.strip():
                 continue
@@ -121,18 +132,22 @@ class WorkerClient(QObject):
                 event = parse_event(line)
             except ProtocolError as e:
                 event = Error(code="bad_event", message=f"unreadable line from the worker: {e.message}")
-            self._on_event(event)
+            if self._on_event(event):
+                events.append(event)
+        if events:
+            self.sig_events.emit(events)
 
-    def _on_event(self, event: Message) -> None:
+    def _on_event(self, event: Message) -> bool:
+        """The client's own bookkeeping of an event; False for those the GUI never sees (pong)."""
         if event.type == "pong":
             self._missed = 0
-            return
+            return False
         if event.type == "ready":
             self._set_state(WorkerState.READY)
         elif event.type in ("loaded", "done", "unloaded") or (event.type == "error" and event.code != "busy"):
             if self.state == WorkerState.BUSY:
                 self._set_state(WorkerState.READY)
-        self.sig_event.emit(event)
+        return True
 
     def _read_stderr(self) -> None:
         text = bytes(self.proc.readAllStandardError()).decode("utf-8", "replace")
@@ -141,6 +156,7 @@ class WorkerClient(QObject):
 
     def _finished(self, code: int, status) -> None:
         self.heartbeat.stop()
+        self._read_stdout()  # what the worker wrote before it went (a reply's last tokens, its done)
         if self._expect_exit:
             return
         how = "was killed" if status == QProcess.CrashExit else f"exited with status {code}"

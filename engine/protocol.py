@@ -250,6 +250,9 @@ class Token(Message):
     text: str
     accepted: bool = False  # produced by an accepted speculative draft
 
+    def to_dict(self) -> dict:  # one per generated token: no deep copy (asdict) of three plain fields
+        return {"type": "token", "id": self.id, "text": self.text, "accepted": self.accepted}
+
 
 @dataclass
 class Done(Message):
@@ -299,6 +302,9 @@ def _parse(line: str | bytes, table: dict) -> Message:
     if not isinstance(d, dict):
         raise ProtocolError("bad_json", "each line must be a JSON object")
     kind = d.get("type")
+    if kind == "token" and table is EVENTS and type(d.get("id")) is str and type(d.get("text")) is str \
+            and type(d.get("accepted", False)) is bool:
+        return Token(id=d["id"], text=d["text"], accepted=d.get("accepted", False))  # the stream's hot path
     if not isinstance(kind, str) or kind not in table:
         raise ProtocolError("unknown_type", f"unknown message type {kind!r}", _id_of(d))
     try:

@@ -20,7 +20,7 @@ MODEL = {"name": "mini", "backend": "native", "speculative_modes": ["off", "mtp"
 
 class ScriptedWorker(QObject):
     """The WorkerClient's interface; records requests, and the test plays the worker's events."""
-    sig_event = Signal(object)
+    sig_events = Signal(object)
     sig_state = Signal(object)
     sig_died = Signal(str)
 
@@ -52,7 +52,7 @@ class ScriptedWorker(QObject):
     def play(self, event):
         if event.type in ("loaded", "done", "error") and self.state == WorkerState.BUSY:
             self.set_state(WorkerState.READY)
-        self.sig_event.emit(event)
+        self.sig_events.emit([event])
 
 
 @pytest.fixture
