@@ -44,13 +44,13 @@ struct Weight {
 
   int64_t groups() const { return (K + group - 1) / group; }
 
-  // int4 by nibbles: 0 (not), or the column block whose activations are reordered (see activations).
-  int64_t nibbles() const {
+  // int4 read by nibbles, 128 columns a step (wide_rows), with the activations reordered to match.
+  bool nibbles() const {
 #ifdef __AVX512BF16__
-    if (fmt == I4 && group % 64 == 0 && K % 128 == 0) return 128;
-    if (fmt == I4 && group % 64 == 0 && K % 64 == 0) return 64;
+    return fmt == I4 && group % 64 == 0 && K % 128 == 0;
+#else
+    return false;
 #endif
-    return 0;
   }
 
   int64_t row_bytes() const {
@@ -108,53 +108,99 @@ struct Weight {
   void rows(const float* x, const uint16_t* xb, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
 #ifdef __AVX512BF16__
     if (xb && K % 32 == 0) {
+      auto dp = [&]<int FMT>() {
+        blocks<8, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
+          dp_rows<FMT, R, MB>(xb + m0 * K, n, y + m0 * ldy, ldy);
+        });
+      };
       switch (fmt) {
-        case BF16: return dp_block<BF16>(xb, M, n0, n1, y, ldy);
-        case I8: return dp_block<I8>(xb, M, n0, n1, y, ldy);
+        case BF16: return dp.template operator()<BF16>();
+        case I8: return dp.template operator()<I8>();
         case I4:
-          if (nibbles() == 128) return wide_block(xb, M, n0, n1, y, ldy);  // xb is reordered (activations)
-          if (nibbles() == 64) return nib_block(xb, M, n0, n1, y, ldy);
-          return dp_block<I4>(xb, M, n0, n1, y, ldy);
+          if (!nibbles()) return dp.template operator()<I4>();
+          return blocks<4, 1>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {  // xb is reordered
+            wide_rows<R, MB>(xb + m0 * K, n, y + m0 * ldy, ldy, m0);
+          });
         default: break;
       }
     }
 #endif
 #ifdef __AVX512F__
     if (K % 16 == 0) {
+      auto fma = [&]<int FMT>() {
+        blocks<8, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
+          avx512_rows<FMT, R, MB>(x + m0 * K, n, y + m0 * ldy, ldy);
+        });
+      };
       switch (fmt) {
-        case F32: return avx512_block<F32>(x, M, n0, n1, y, ldy);
-        case BF16: return avx512_block<BF16>(x, M, n0, n1, y, ldy);
-        case I8: return avx512_block<I8>(x, M, n0, n1, y, ldy);
-        default: return avx512_block<I4>(x, M, n0, n1, y, ldy);
+        case F32: return fma.template operator()<F32>();
+        case BF16: return fma.template operator()<BF16>();
+        case I8: return fma.template operator()<I8>();
+        default: return fma.template operator()<I4>();
       }
     }
 #endif
     generic_rows(x, M, n0, n1, y, ldy);
   }
 
-#ifdef __AVX512F__
-  template <int FMT>
-  void avx512_block(const float* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-      const int64_t mb = std::min<int64_t>(8, M - m0);
-      switch (mb) {  // the accumulators must be registers: the row count is a template argument
-        case 1: avx512_rows_n<FMT, 4, 1>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
-        case 2: avx512_rows_n<FMT, 4, 2>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
-        case 3: avx512_rows_n<FMT, 4, 3>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
-        case 4: avx512_rows_n<FMT, 4, 4>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
-        case 5: avx512_rows_n<FMT, 2, 5>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
-        case 6: avx512_rows_n<FMT, 2, 6>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
-        case 7: avx512_rows_n<FMT, 2, 7>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
-        default: avx512_rows_n<FMT, 2, 8>(x + m0 * K, n0, n1, y + m0 * ldy, ldy); break;
+  // kernel.operator()<R, MB>(n, m0) over weight rows [n0, n1), R at a time (the rest one by one), and
+  // activation rows in blocks of up to MAXB from m0: the counts are template arguments so that the
+  // R × MB accumulators are registers. Blocks of up to SMALL_MB rows take 4 weight rows at a time.
+  template <int MAXB, int SMALL_MB, class F>
+  static void blocks(int64_t M, int64_t n0, int64_t n1, F&& kernel) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAXB) {
+      switch (std::min<int64_t>(MAXB, M - m0)) {
+        case 1: sweep<MAXB, SMALL_MB, 1>(n0, n1, m0, kernel); break;
+        case 2: sweep<MAXB, SMALL_MB, 2>(n0, n1, m0, kernel); break;
+        case 3: sweep<MAXB, SMALL_MB, 3>(n0, n1, m0, kernel); break;
+        case 4: sweep<MAXB, SMALL_MB, 4>(n0, n1, m0, kernel); break;
+        case 5: sweep<MAXB, SMALL_MB, 5>(n0, n1, m0, kernel); break;
+        case 6: sweep<MAXB, SMALL_MB, 6>(n0, n1, m0, kernel); break;
+        case 7: sweep<MAXB, SMALL_MB, 7>(n0, n1, m0, kernel); break;
+        default: sweep<MAXB, SMALL_MB, 8>(n0, n1, m0, kernel); break;
       }
     }
   }
 
+  template <int MAXB, int SMALL_MB, int MB, class F>
+  static void sweep(int64_t n0, int64_t n1, int64_t m0, F& kernel) {
+    if constexpr (MB <= MAXB) {
+      constexpr int R = MB <= SMALL_MB ? 4 : 2;
+      int64_t n = n0;
+      for (; n + R <= n1; n += R) kernel.template operator()<R, MB>(n, m0);
+      for (; n < n1; ++n) kernel.template operator()<1, MB>(n, m0);
+    }
+  }
+
+#ifdef __AVX512F__
+  // step(k, s, zs) for every STEP columns of rows n..n+R-1: int4 group by group with each row's scale s
+  // and scale·zero zs broadcast, the other formats straight through (s, zs null).
+  template <int FMT, int R, int STEP, class S>
+  void walk(int64_t n, S&& step) const {
+    if constexpr (FMT == I4) {
+      const int64_t G = groups();
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 s[R], zs[R];
+        for (int r = 0; r < R; ++r) {
+          const float sc = scale[(n + r) * G + g];
+          s[r] = _mm512_set1_ps(sc);
+          zs[r] = _mm512_set1_ps(static_cast<float>(zero[(n + r) * G + g]) * sc);
+        }
+        const int64_t k1 = std::min(K, (g + 1) * group);
+        for (int64_t k = g * group; k < k1; k += STEP) step(k, s, zs);
+      }
+    } else {
+      for (int64_t k = 0; k < K; k += STEP) step(k, nullptr, nullptr);
+    }
+  }
+
+  // The accumulators' sums into y, with int8's per-row scale.
   template <int FMT, int R, int MB>
-  void avx512_rows_n(const float* x, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
-    int64_t n = n0;
-    for (; n + R <= n1; n += R) avx512_rows<FMT, R, MB>(x, n, y, ldy);
-    for (; n < n1; ++n) avx512_rows<FMT, 1, MB>(x, n, y, ldy);
+  void store(__m512 (&acc)[R][MB], int64_t n, float* y, int64_t ldy) const {
+    for (int r = 0; r < R; ++r) {
+      const float rs = FMT == I8 ? scale[n + r] : 1.f;
+      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) * rs;
+    }
   }
 
   // 16 fp32 weights of a row from column k (int4: before its group's scale and zero).
@@ -196,25 +242,8 @@ struct Weight {
         for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], xv, acc[r][m]);
       }
     };
-    if constexpr (FMT == I4) {
-      const int64_t G = groups();
-      for (int64_t g = 0; g < G; ++g) {
-        __m512 s[R], zs[R];
-        for (int r = 0; r < R; ++r) {
-          const float sc = scale[(n + r) * G + g];
-          s[r] = _mm512_set1_ps(sc);
-          zs[r] = _mm512_set1_ps(static_cast<float>(zero[(n + r) * G + g]) * sc);
-        }
-        const int64_t k1 = std::min(K, (g + 1) * group);
-        for (int64_t k = g * group; k < k1; k += 16) step(k, s, zs);
-      }
-    } else {
-      for (int64_t k = 0; k < K; k += 16) step(k, nullptr, nullptr);
-    }
-    for (int r = 0; r < R; ++r) {
-      const float rs = FMT == I8 ? scale[n + r] : 1.f;
-      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) * rs;
-    }
+    walk<FMT, R, 16>(n, step);
+    store<FMT, R, MB>(acc, n, y, ldy);
   }
 #endif
 
@@ -222,32 +251,6 @@ struct Weight {
   // bf16 weights (int8 and int4 widened to bf16, exact for int8 and for int4 before its scale) dotted with
   // bf16 activations by vdpbf16ps: 32 products per instruction, summed in fp32. The weight-only formats
   // ran with bf16 activations before too (torch's CPU kernels take only those).
-  template <int FMT>
-  void dp_block(const uint16_t* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-      const int64_t mb = std::min<int64_t>(8, M - m0);
-      const uint16_t* xm = x + m0 * K;
-      float* ym = y + m0 * ldy;
-      switch (mb) {
-        case 1: dp_rows_n<FMT, 4, 1>(xm, n0, n1, ym, ldy); break;
-        case 2: dp_rows_n<FMT, 4, 2>(xm, n0, n1, ym, ldy); break;
-        case 3: dp_rows_n<FMT, 4, 3>(xm, n0, n1, ym, ldy); break;
-        case 4: dp_rows_n<FMT, 4, 4>(xm, n0, n1, ym, ldy); break;
-        case 5: dp_rows_n<FMT, 2, 5>(xm, n0, n1, ym, ldy); break;
-        case 6: dp_rows_n<FMT, 2, 6>(xm, n0, n1, ym, ldy); break;
-        case 7: dp_rows_n<FMT, 2, 7>(xm, n0, n1, ym, ldy); break;
-        default: dp_rows_n<FMT, 2, 8>(xm, n0, n1, ym, ldy); break;
-      }
-    }
-  }
-
-  template <int FMT, int R, int MB>
-  void dp_rows_n(const uint16_t* x, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
-    int64_t n = n0;
-    for (; n + R <= n1; n += R) dp_rows<FMT, R, MB>(x, n, y, ldy);
-    for (; n < n1; ++n) dp_rows<FMT, 1, MB>(x, n, y, ldy);
-  }
-
   // 32 weights of a row from column k as bf16 (int4: (q − zero) · scale, rounded to bf16).
   template <int FMT>
   static inline __m512bh load32(const uint8_t* row, int64_t k, __m512 s, __m512 zs) {
@@ -268,49 +271,10 @@ struct Weight {
     }
   }
 
-  // int4 with groups of 64 or more columns: per 64 columns, 32 bytes give the even columns (low nibbles)
-  // and the odd ones (high nibbles); each nibble becomes bf16 by a table lookup and is dotted with the
-  // activations split the same way (split_pairs). A group's sum of q·x is then scaled once, and its
-  // zero point subtracted as zero · scale · Σx.
-  void nib_block(const uint16_t* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mb = std::min<int64_t>(4, M - m0);
-      const uint16_t* xm = x + m0 * K;
-      float* ym = y + m0 * ldy;
-      switch (mb) {
-        case 1: nib_rows_n<4, 1>(xm, n0, n1, ym, ldy, m0); break;
-        case 2: nib_rows_n<2, 2>(xm, n0, n1, ym, ldy, m0); break;
-        case 3: nib_rows_n<2, 3>(xm, n0, n1, ym, ldy, m0); break;
-        default: nib_rows_n<2, 4>(xm, n0, n1, ym, ldy, m0); break;
-      }
-    }
-  }
-
   // int4, 128 columns per step from 64 bytes read as 32 16-bit lanes: lane i holds columns 4i..4i+3, one
   // per nibble. (nibble | 0x4300) is the bf16 of 128 + q, so no table or widening is needed; the 128 is
   // taken off with the zero point: Σ (q − z)·x = Σ (128 + q)·x − (128 + z)·Σx. Accumulator lanes 0-7
   // hold columns 0-63 of the step, lanes 8-15 columns 64-127: each half gets its group's scale.
-  void wide_block(const uint16_t* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t mb = std::min<int64_t>(4, M - m0);
-      const uint16_t* xm = x + m0 * K;
-      float* ym = y + m0 * ldy;
-      switch (mb) {
-        case 1: wide_rows_n<4, 1>(xm, n0, n1, ym, ldy, m0); break;
-        case 2: wide_rows_n<2, 2>(xm, n0, n1, ym, ldy, m0); break;
-        case 3: wide_rows_n<2, 3>(xm, n0, n1, ym, ldy, m0); break;
-        default: wide_rows_n<2, 4>(xm, n0, n1, ym, ldy, m0); break;
-      }
-    }
-  }
-
-  template <int R, int MB>
-  void wide_rows_n(const uint16_t* x, int64_t n0, int64_t n1, float* y, int64_t ldy, int64_t m0) const {
-    int64_t n = n0;
-    for (; n + R <= n1; n += R) wide_rows<R, MB>(x, n, y, ldy, m0);
-    for (; n < n1; ++n) wide_rows<1, MB>(x, n, y, ldy, m0);
-  }
-
   template <int R, int MB>
   void wide_rows(const uint16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0) const {
     const __m512i nib = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
@@ -357,59 +321,6 @@ struct Weight {
       for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) - corr[r][m];
   }
 
-  template <int R, int MB>
-  void nib_rows_n(const uint16_t* x, int64_t n0, int64_t n1, float* y, int64_t ldy, int64_t m0) const {
-    int64_t n = n0;
-    for (; n + R <= n1; n += R) nib_rows<R, MB>(x, n, y, ldy, m0);
-    for (; n < n1; ++n) nib_rows<1, MB>(x, n, y, ldy, m0);
-  }
-
-  template <int R, int MB>
-  void nib_rows(const uint16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0) const {
-    const __m512i lut = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150,
-                                         0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080,
-                                         0x4040, 0x4000, 0x3F80, 0x0000);  // bf16 of 15..0
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    const int64_t G = groups();
-    __m512 acc[R][MB];
-    float corr[R][MB];
-    const uint8_t* row[R];
-    for (int r = 0; r < R; ++r) {
-      row[r] = q + (n + r) * row_bytes();
-      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps(), corr[r][m] = 0.f;
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 part[R][MB];
-      for (int r = 0; r < R; ++r)
-        for (int m = 0; m < MB; ++m) part[r][m] = _mm512_setzero_ps();
-      const int64_t k1 = std::min(K, (g + 1) * group);
-      for (int64_t k = g * group; k < k1; k += 64) {
-        __m512bh even[R], odd[R];
-        for (int r = 0; r < R; ++r) {
-          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k / 2));
-          even[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm256_and_si256(b, low)), lut);
-          odd[r] = (__m512bh)_mm512_permutexvar_epi16(
-              _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), low)), lut);
-        }
-        for (int m = 0; m < MB; ++m) {
-          const __m512bh xe = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-          const __m512bh xo = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32);
-          for (int r = 0; r < R; ++r) part[r][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(part[r][m], even[r], xe), odd[r], xo);
-        }
-      }
-      for (int r = 0; r < R; ++r) {
-        const float sc = scale[(n + r) * G + g], zs = static_cast<float>(zero[(n + r) * G + g]) * sc;
-        const __m512 sv = _mm512_set1_ps(sc);
-        for (int m = 0; m < MB; ++m) {
-          acc[r][m] = _mm512_fmadd_ps(part[r][m], sv, acc[r][m]);
-          corr[r][m] = std::fma(zs, xsum[(m0 + m) * G + g], corr[r][m]);  // fused whatever the row count
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) - corr[r][m];
-  }
-
   template <int FMT, int R, int MB>
   void dp_rows(const uint16_t* x, int64_t n, float* y, int64_t ldy) const {
     __m512 acc[R][MB];
@@ -426,25 +337,8 @@ struct Weight {
         for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w[r], xv);
       }
     };
-    if constexpr (FMT == I4) {
-      const int64_t G = groups();
-      for (int64_t g = 0; g < G; ++g) {
-        __m512 s[R], zs[R];
-        for (int r = 0; r < R; ++r) {
-          const float sc = scale[(n + r) * G + g];
-          s[r] = _mm512_set1_ps(sc);
-          zs[r] = _mm512_set1_ps(static_cast<float>(zero[(n + r) * G + g]) * sc);
-        }
-        const int64_t k1 = std::min(K, (g + 1) * group);
-        for (int64_t k = g * group; k < k1; k += 32) step(k, s, zs);
-      }
-    } else {
-      for (int64_t k = 0; k < K; k += 32) step(k, nullptr, nullptr);
-    }
-    for (int r = 0; r < R; ++r) {
-      const float rs = FMT == I8 ? scale[n + r] : 1.f;
-      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) * rs;
-    }
+    walk<FMT, R, 32>(n, step);
+    store<FMT, R, MB>(acc, n, y, ldy);
   }
 #endif
 
@@ -533,17 +427,17 @@ std::vector<uint16_t> activations(const float* x, int64_t M, int64_t K, Weight& 
     for (int64_t i = 0; i < M * K; ++i) out[i] = bf16_bits(x[i]);
     return out;
   }
-  const int64_t G = w.groups(), B = w.nibbles(), P = B / 32;  // P columns per 32-lane position
+  const int64_t G = w.groups();
   xsum.assign(M * G, 0.f);
-  // Block of B columns: lane i of the weight holds columns P·i .. P·i+P-1 (B=128: 4 nibbles of a 16-bit
-  // lane; B=64: the 2 nibbles of a byte); the activations go as column P·i+j at j·32 + i.
+  // Per 128 columns: 16-bit lane i of the weight holds columns 4i .. 4i+3, one per nibble; the
+  // activations go as column 4i+j at j·32 + i, so that nibble j of every lane meets its column.
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; k += B)
+    for (int64_t k = 0; k < K; k += 128)
       for (int64_t i = 0; i < 32; ++i)
-        for (int64_t j = 0; j < P; ++j) {
-          const uint16_t v = bf16_bits(x[m * K + k + P * i + j]);
+        for (int64_t j = 0; j < 4; ++j) {
+          const uint16_t v = bf16_bits(x[m * K + k + 4 * i + j]);
           out[m * K + k + j * 32 + i] = v;
-          xsum[m * G + (k + P * i + j) / w.group] += bf16_value(v);
+          xsum[m * G + (k + 4 * i + j) / w.group] += bf16_value(v);
         }
   w.xsum = xsum.data();
 #endif
