@@ -3,7 +3,7 @@
 It owns the store and the worker client. The user message is committed before generation starts;
 the reply is committed as `streaming` at once, its text every second while it streams, and finally
 with its stats and status. The view gets only the text that is new since its last update, at most
-~20 times a second, so an update costs the same however long the reply already is.
+10 times a second, so an update costs the same however long the reply already is.
 """
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ def auto_title(text: str, taken: list[str] = ()) -> str:
 
 def backend_for(path: str) -> str:
     return "llamacpp" if path.lower().endswith(".gguf") else "native"
+
+
+def generated_tokens(stats: dict) -> int:
+    """A reply's tokens, a continued one's parts added up."""
+    return sum(seg.get("generated_tokens") or 0 for seg in stats.get("segments") or [stats])
 
 
 def model_name(path: str) -> str:
@@ -122,10 +127,10 @@ class Stream:
         if self.earlier_stats is None:
             return stats
         earlier = {k: v for k, v in self.earlier_stats.items() if k not in ("accepted_spans", "segments")}
-        segments = self.earlier_stats.get("segments") or [earlier]
-        now = {k: v for k, v in stats.items() if k != "accepted_spans"}
-        total = sum(seg.get("generated_tokens") or 0 for seg in segments) + (stats.get("generated_tokens") or 0)
-        return dict(stats, generated_tokens=total, segments=[*segments, now], continued=True)
+        segments = [*(self.earlier_stats.get("segments") or [earlier]), {k: v for k, v in stats.items()
+                                                                          if k != "accepted_spans"}]
+        return dict(stats, generated_tokens=generated_tokens({"segments": segments}), segments=segments,
+                    continued=True)
 
 
 class ChatSession(QObject):
@@ -365,8 +370,7 @@ class ChatSession(QObject):
                         earlier_stats=m["stats"])
         params = self.settings.params(self.chat_mode())
         # The rest of the reply's budget: continuing a cut-off reply ends where the whole one would have.
-        left = params.max_tokens - sum(seg.get("generated_tokens") or 0
-                                       for seg in m["stats"].get("segments") or [m["stats"]])
+        left = params.max_tokens - generated_tokens(m["stats"])
         params.max_tokens = left if left > 0 else params.max_tokens
         self.begin(stream, history, params, continue_final_message=True)
         return True

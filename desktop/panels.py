@@ -7,6 +7,8 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
                                QListWidget, QListWidgetItem, QPlainTextEdit, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
 
+from desktop.chat import model_name
+
 WEIGHT_CHOICES = [("Full precision", "none"), ("int8 (weight-only)", "int8"), ("int4 (weight-only, group 64)", "int4")]
 SPECULATION_CHOICES = [("Off", "off", "auto"), ("MTP, auto", "mtp", "auto"), ("MTP, k=1", "mtp", 1),
                        ("MTP, k=2", "mtp", 2), ("MTP, k=3", "mtp", 3), ("MTP, k=4", "mtp", 4),
@@ -188,7 +190,7 @@ class SettingsPanel(QWidget):
         self.model.blockSignals(True)
         self.model.clear()
         for p in paths:
-            self.model.addItem(p.rstrip("/").split("/")[-1], p)
+            self.model.addItem(model_name(p), p)
             self.model.setItemData(self.model.count() - 1, p, Qt.ToolTipRole)
         self.model.addItem("Open model folder…", OPEN_FOLDER)
         self.model.addItem("Open .gguf file…", OPEN_GGUF)

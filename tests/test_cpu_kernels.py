@@ -123,75 +123,73 @@ def test_the_engine_uses_the_kernels_and_can_do_without(monkeypatch):
     assert calls and torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["fp32", "bf16", "int8", "int4", "no-q-lora", "halves"])
-def test_fused_attention_decode_matches_the_pytorch_layers(variant, monkeypatch):
-    """moedesk::mla_decode (norm, projections, rotary, cache write, absorbed attention, out_proj and the
-    residual in one call) against the PyTorch path, for one new token and for a verification of four."""
+def small_model(variant: str, seed: int, **config):
+    """A tiny random model in the variant's weights (fp32, bf16, int8, int4), router biases random."""
     from engine.model.config import parse_config
     from engine.model.transformer import Transformer
     from engine.quant import QuantSpec, quantize_model
+    from engine.routing import Router
     from engine.tiny import tiny_config
 
-    over = {"no-q-lora": {"q_lora_rank": 0}, "halves": {"rope_interleave": False}}.get(variant, {})
-    model = Transformer(parse_config(tiny_config(**over)))
-    model.init_weights(seed=1, std=0.1)
+    model = Transformer(parse_config(tiny_config(**config)))
+    model.init_weights(seed=seed, std=0.1)
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     model.eval()
     if variant == "bf16":
         model.to(torch.bfloat16)
     if variant in ("int8", "int4"):
         quantize_model(model, QuantSpec(variant))
-    tokens = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(2))
+    return model
+
+
+def decode_both_ways(model, monkeypatch, seed: int, recorder=None) -> dict:
+    """{fused: (logits of one new token, logits of a verification of four)} with the CPU kernels on
+    (True) and off, after the same 7-token prefill; with a recorder, also the experts it saw."""
+    from contextlib import nullcontext
+
+    tokens = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(seed))
     out = {}
     for fused in (True, False):
         monkeypatch.setattr(cpu, "_loaded", fused)
-        with torch.inference_mode():
+        with torch.inference_mode(), recorder or nullcontext() as rec:
             model.setup_caches(1, 32)
             model(tokens[:, :7], 0)
-            one = model.logits(model(tokens[:, 7:8], 7))
-            four = model.logits(model(tokens[:, 8:12], 8))
-        out[fused] = (one, four)
-    tol = 2e-4 if variant in ("fp32", "no-q-lora", "halves") else 3e-2
-    for a, b in zip(out[True], out[False]):
+            if rec is not None:
+                rec.clear()
+            logits = (model.logits(model(tokens[:, 7:8], 7)), model.logits(model(tokens[:, 8:12], 8)))
+        out[fused] = (logits, [rec.layer(j)[0] for j in range(len(rec.routers))] if rec is not None else [])
+    return out
+
+
+def assert_close(out: dict, tol: float, variant: str) -> None:
+    for a, b in zip(out[True][0], out[False][0]):
         assert (a - b).abs().max() < tol * max(1.0, b.abs().max()), variant
+
+
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "int8", "int4", "no-q-lora", "halves"])
+def test_fused_attention_decode_matches_the_pytorch_layers(variant, monkeypatch):
+    """moedesk::mla_decode (norm, projections, rotary, cache write, absorbed attention, out_proj and the
+    residual in one call) against the PyTorch path, for one new token and for a verification of four."""
+    over = {"no-q-lora": {"q_lora_rank": 0}, "halves": {"rope_interleave": False}}.get(variant, {})
+    out = decode_both_ways(small_model(variant, 1, **over), monkeypatch, seed=2)
+    assert_close(out, 2e-4 if variant in ("fp32", "no-q-lora", "halves") else 3e-2, variant)
 
 
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "int8", "int4", "v2-softmax", "no-shared", "greedy"])
 def test_fused_moe_layer_matches_the_pytorch_layers(variant, monkeypatch):
     """moedesk::moe_ffn (norm, router with bias and group limit, chosen experts, shared experts, residual)
     against the PyTorch path: same experts chosen, same output; observers and load counting still fed."""
-    from engine.model.config import parse_config
-    from engine.model.transformer import Transformer
-    from engine.quant import QuantSpec, quantize_model
     from engine.routing_stats import RoutingRecorder
-    from engine.tiny import tiny_config
 
     over = {"v2-softmax": {"model_type": "deepseek_v2", "scoring_func": "softmax", "topk_method": "group_limited_greedy",
                            "n_group": 2, "topk_group": 1, "norm_topk_prob": False, "routed_scaling_factor": 1.5},
             "no-shared": {"n_shared_experts": 0}, "greedy": {"topk_method": "greedy", "n_group": 1, "topk_group": 1}
             }.get(variant, {"n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5})
-    model = Transformer(parse_config(tiny_config(**over)))
-    model.init_weights(seed=3, std=0.1)
-    for m in model.modules():
-        if hasattr(m, "bias") and isinstance(getattr(m, "bias"), torch.Tensor) and m.bias.dim() == 1 \
-                and type(m).__name__ == "Router":
-            m.bias.copy_(torch.randn(m.bias.shape, generator=torch.Generator().manual_seed(4)) * 0.1)
-    model.eval()
-    if variant == "bf16":
-        model.to(torch.bfloat16)
-    if variant in ("int8", "int4"):
-        quantize_model(model, QuantSpec(variant))
-    tokens = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(5))
-    out = {}
-    for fused in (True, False):
-        monkeypatch.setattr(cpu, "_loaded", fused)
-        with torch.inference_mode(), RoutingRecorder(model) as rec:
-            model.setup_caches(1, 32)
-            model(tokens[:, :7], 0)
-            rec.clear()
-            logits = [model.logits(model(tokens[:, 7:8], 7)), model.logits(model(tokens[:, 8:12], 8))]
-        out[fused] = (logits, [rec.layer(j)[0] for j in range(len(rec.routers))])
-    tol = 2e-4 if variant not in ("bf16", "int8", "int4") else 3e-2
-    for a, b in zip(out[True][0], out[False][0]):
-        assert (a - b).abs().max() < tol * max(1.0, b.abs().max()), variant
+    model = small_model(variant, 3, **over)
+    out = decode_both_ways(model, monkeypatch, seed=5, recorder=RoutingRecorder(model))
+    assert_close(out, 2e-4 if variant not in ("bf16", "int8", "int4") else 3e-2, variant)
     for a, b in zip(out[True][1], out[False][1]):  # the same experts, recorded for both tokens and the four
         assert a.shape[0] == 5 and torch.equal(a.sort(-1).values, b.sort(-1).values), variant

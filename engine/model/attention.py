@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.config import ModelConfig
+from engine.model.linear import CPU_FORMATS, FusedArgs, Linear, cpu_weight, decode_shaped, own_weights
 from engine.model.rope import RotaryEmbedding
-from engine.model.linear import CPU_FORMATS, Linear, FusedArgs, cpu_weight, decode_shaped, own_weights
+from kernels import cpu
 
 
 class RMSNorm(torch.nn.Module):
@@ -93,9 +94,8 @@ class MLA(torch.nn.Module):
         self.kv_up_proj = Linear(cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.out_proj = Linear(nh * cfg.v_head_dim, H, bias=False)
         self.cache: LatentCache | None = None
-        self._absorbed: tuple | None = None  # (key of kv_up_proj.weight, w_k, w_v)
+        self._absorbed = FusedArgs()  # w_k, w_v of the absorbed products
         self._fused = FusedArgs()
-        self.rotary_interleave = cfg.rope_interleave
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -139,13 +139,14 @@ class MLA(torch.nn.Module):
                                              is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, T, nh, v]
 
-    def fused_decode(self, x: torch.Tensor, norm: RMSNorm, freqs: torch.Tensor, start_pos) -> torch.Tensor | None:
+    def fused_decode(self, x: torch.Tensor, norm: RMSNorm, rotary: RotaryEmbedding, freqs: torch.Tensor,
+                     start_pos) -> torch.Tensor | None:
         """x + self(norm(x)) for a few new tokens in one call of moedesk's CPU kernel (kernels/cpu), or None
         where it does not apply (prefill, the static step, batches, the GPU, a weight format it lacks)."""
         if (not isinstance(start_pos, int) or start_pos <= 0 or self.cache is None or x.shape[0] != 1
                 or not decode_shaped(x)):
             return None
-        args = self._fused.get(self, norm, lambda: self.fused_args(norm))
+        args = self._fused.get(self, norm, lambda: self.fused_args(norm, rotary.interleave))
         if args is None:
             return None
         tensors, ints, floats = args
@@ -156,7 +157,7 @@ class MLA(torch.nn.Module):
         y = torch.ops.moedesk.mla_decode(x[0], tensors, [start_pos] + ints, floats, self.cache.kv[0], cos, sin)
         return y[None].to(x.dtype)
 
-    def fused_args(self, norm: RMSNorm):
+    def fused_args(self, norm: RMSNorm, interleave: bool):
         """(the weights they are made of, the kernel's tensors and settings or None: a format it lacks)."""
         projections = ([self.q_down_proj, self.q_up_proj] if hasattr(self, "q_down_proj") else [self.q_proj])
         projections += [self.kv_down_proj, self.out_proj]
@@ -168,7 +169,7 @@ class MLA(torch.nn.Module):
         w = self.kv_up_proj.weight.detach()
         if any(p is None for p in parts) or w.dtype not in CPU_FORMATS:
             return sources, None
-        e = torch.empty(0)
+        e = cpu.empty()
         f32 = lambda t: t.detach().float().contiguous()  # noqa: E731
         if hasattr(self, "q_down_proj"):
             (qd, qd_fmt, qd_group), q_norm, rest = parts[0], f32(self.q_norm.weight), parts[1:]
@@ -180,7 +181,7 @@ class MLA(torch.nn.Module):
                    w_k.transpose(1, 2).contiguous(), w_v.transpose(1, 2).contiguous(), *out]
         q_lora = self.q_down_proj.out_features if hasattr(self, "q_down_proj") else 0
         ints = [self.n_heads, self.nope_dim, self.rope_dim, self.v_dim, self.kv_lora_rank, q_lora,
-                int(self.rotary_interleave), qd_fmt, qd_group, qu_fmt, qu_group, kvd_fmt, kvd_group,
+                int(interleave), qd_fmt, qd_group, qu_fmt, qu_group, kvd_fmt, kvd_group,
                 CPU_FORMATS[w.dtype], out_fmt, out_group]
         return sources, (tensors, ints, [norm.eps, self.softmax_scale])
 
@@ -191,10 +192,8 @@ class MLA(torch.nn.Module):
         w = self.kv_up_proj.weight
         if torch.compiler.is_compiling():  # traced as ops on the weight (a compiler folds them)
             return self.split_up_proj(w)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._absorbed is None or self._absorbed[0] != key:
-            self._absorbed = (key, *(t.contiguous() for t in self.split_up_proj(w.detach())))
-        return self._absorbed[1], self._absorbed[2]
+        made = lambda: ([w], [t.contiguous() for t in self.split_up_proj(w.detach())])  # noqa: E731
+        return self._absorbed.get(self, None, made)
 
     def split_up_proj(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)

@@ -17,7 +17,7 @@ CPU_FORMATS = {torch.float32: cpu.FORMATS["fp32"], torch.bfloat16: cpu.FORMATS["
 def decode_shaped(x: torch.Tensor) -> bool:
     """Whether the CPU kernels take this product: few rows, no autograd, the kernels built."""
     return (x.device.type == "cpu" and x.dim() >= 2 and x.numel() <= cpu.MAX_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled() and (cpu._loaded if cpu._loaded is not None else cpu.available()))
+            and not torch.is_grad_enabled() and cpu.available())
 
 
 class Linear(torch.nn.Linear):
@@ -44,18 +44,19 @@ def cpu_weight(module: torch.nn.Module) -> tuple | None:
 
 
 class FusedArgs:
-    """A fused kernel's arguments, made from a module's weights and remade when they change: a submodule
-    replaced (quantization, loading) or a weight written in place (its version moves). The check costs a
-    few attribute reads per call, no traversal of the module tree."""
+    """What a module derives from its weights (a fused kernel's arguments, re-laid-out weights), remade when
+    they change: a submodule replaced (quantization, loading), a weight written in place (its version
+    moves) or given new data (its data pointer moves). The check costs a few attribute reads per call, no
+    traversal of the module tree. make() → (the weights used, the value)."""
 
     def __init__(self):
-        self.key, self.tensors, self.versions, self.value = None, [], [], None
+        self.key, self.tensors, self.stamps, self.value = None, [], [], None
 
-    def get(self, module: torch.nn.Module, norm: torch.nn.Module, make):
+    def get(self, module: torch.nn.Module, norm: torch.nn.Module | None, make):
         key = (id(norm), *map(id, module._modules.values()))
-        if key != self.key or any(t._version != v for t, v in zip(self.tensors, self.versions)):
+        if key != self.key or any((t.data_ptr(), t._version) != v for t, v in zip(self.tensors, self.stamps)):
             self.tensors, self.value = make()
-            self.versions = [t._version for t in self.tensors]
+            self.stamps = [(t.data_ptr(), t._version) for t in self.tensors]
             self.key = key
         return self.value
 
