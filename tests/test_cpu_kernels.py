@@ -33,7 +33,7 @@ def weights(fmt: str, N: int, K: int, seed: int = 0, group: int = 64):
     return (q.qweight, q.scale, q.zero, 3, group), dequantize(q, torch.float32)
 
 
-# Weight-only formats dot bf16-rounded activations (as torch's CPU kernels did before): their error is
+# Weight-only formats dot bf16-rounded activations (int8 on VNNI: int16, finer): their error is
 # the activations' rounding, ~2^-9 relative.
 TOL = {"fp32": 1e-5, "bf16": 6e-3, "int8": 6e-3, "int4": 6e-3}
 
@@ -57,6 +57,21 @@ def test_linear_matches_the_reference_for_every_row_count(fmt, shape):
     # The same bits for a row whatever else is in the batch: verification equals one-token steps.
     for M in (2, 3, 5, 8, 16):
         assert torch.equal(rows[M][0], rows[1][0])
+
+
+def test_int8_on_vnni_rounds_activations_to_int16():
+    """Where the CPU has AVX512-VNNI, int8 weights meet int16 activations (vpdpwssd): the product is then
+    within 1e-4 of x · dequantized W (5e-4 with a few features 30 times the rest, as hidden states
+    have), where bf16-rounded activations leave ~2e-3."""
+    if "avx512_vnni" not in cpu.cpu_flags():
+        pytest.skip("no AVX512-VNNI on this CPU: int8 takes the bf16 path")
+    args, w = weights("int8", 256, 1408)
+    x = torch.randn(4, 1408, generator=torch.Generator().manual_seed(1))
+    y, ref = torch.ops.moedesk.linear(x, *args), x @ w.T
+    assert ((y - ref).norm() / ref.norm()) < 1e-4
+    x[:, :8] *= 30  # the row's scale follows its largest value
+    y, ref = torch.ops.moedesk.linear(x, *args), x @ w.T
+    assert ((y - ref).norm() / ref.norm()) < 5e-4
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
@@ -193,3 +208,21 @@ def test_fused_moe_layer_matches_the_pytorch_layers(variant, monkeypatch):
     assert_close(out, 2e-4 if variant not in ("bf16", "int8", "int4") else 3e-2, variant)
     for a, b in zip(out[True][1], out[False][1]):  # the same experts, recorded for both tokens and the four
         assert a.shape[0] == 5 and torch.equal(a.sort(-1).values, b.sort(-1).values), variant
+
+
+@pytest.mark.parametrize("variant", ["fp32", "bf16"])
+def test_fused_attention_over_a_long_context(variant, monkeypatch):
+    """The attention core (vectorized scores, exp and weighted sum over cache rows) past the short
+    contexts above: 150 cached tokens, then one token and a verification of four, at lengths that are
+    not multiples of 16."""
+    model = small_model(variant, 4)
+    tokens = torch.randint(2, 96, (1, 155), generator=torch.Generator().manual_seed(6))
+    out = {}
+    for fused in (True, False):
+        monkeypatch.setattr(cpu, "_loaded", fused)
+        with torch.inference_mode():
+            model.setup_caches(1, 160)
+            model(tokens[:, :150], 0)
+            out[fused] = (model.logits(model(tokens[:, 150:151], 150)), model.logits(model(tokens[:, 151:155], 151)))
+    for a, b in zip(out[True], out[False]):
+        assert (a - b).abs().max() < (2e-4 if variant == "fp32" else 3e-2) * max(1.0, b.abs().max()), variant

@@ -139,8 +139,7 @@ class MLA(torch.nn.Module):
                                              is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, T, nh, v]
 
-    def fused_decode(self, x: torch.Tensor, norm: RMSNorm, rotary: RotaryEmbedding, freqs: torch.Tensor,
-                     start_pos) -> torch.Tensor | None:
+    def fused_decode(self, x: torch.Tensor, norm: RMSNorm, rotary: RotaryEmbedding, start_pos) -> torch.Tensor | None:
         """x + self(norm(x)) for a few new tokens in one call of moedesk's CPU kernel (kernels/cpu), or None
         where it does not apply (prefill, the static step, batches, the GPU, a weight format it lacks)."""
         if (not isinstance(start_pos, int) or start_pos <= 0 or self.cache is None or x.shape[0] != 1
@@ -153,7 +152,7 @@ class MLA(torch.nn.Module):
         if start_pos + x.shape[1] > self.cache.max_len:
             raise ValueError(f"context full: position {start_pos + x.shape[1]} exceeds the cache of "
                              f"{self.cache.max_len} tokens")
-        cos, sin = (freqs.real, freqs.imag) if freqs.is_complex() else (freqs[0], freqs[1])
+        cos, sin = rotary.rows(start_pos, x.shape[1])
         y = torch.ops.moedesk.mla_decode(x[0], tensors, [start_pos] + ints, floats, self.cache.kv[0], cos, sin)
         return y[None].to(x.dtype)
 

@@ -42,6 +42,7 @@ class RotaryEmbedding(torch.nn.Module):
         self.scale = rope.cos_sin_scale()
         self.register_buffer("inv_freq", rope_inv_freq(rope, dim), persistent=False)
         self.table: torch.Tensor | None = None  # [L, dim/2] complex64, or [2, L, dim/2] cos, sin
+        self.pair: torch.Tensor | None = None  # [2, L, dim/2] cos, sin in either layout (the CPU kernel's)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] → cos, sin [T, dim/2] in fp32."""
@@ -50,7 +51,8 @@ class RotaryEmbedding(torch.nn.Module):
 
     def build(self, length: int) -> None:
         cos, sin = self.cos_sin(torch.arange(length, device=self.inv_freq.device))
-        self.table = torch.complex(cos, sin) if self.interleave else torch.stack([cos, sin])
+        self.pair = torch.stack([cos, sin])
+        self.table = torch.complex(cos, sin) if self.interleave else self.pair
 
     def at(self, positions: torch.Tensor, end: int) -> torch.Tensor:
         """The table rows of positions [T]; `end` (> every position, known on the host) sizes the table."""
@@ -61,6 +63,11 @@ class RotaryEmbedding(torch.nn.Module):
                 return torch.complex(cos, sin) if self.interleave else torch.stack([cos, sin])
             self.build(max(end, 2 * size, 256))
         return self.table[positions] if self.interleave else self.table[:, positions]
+
+    def rows(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [count, dim/2] of positions start.. as contiguous views (no copy), after `at` has
+        sized the table for them."""
+        return self.pair[0, start:start + count], self.pair[1, start:start + count]
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, T, (heads,) dim] by freqs (`at`) broadcast over batch and heads."""

@@ -27,7 +27,7 @@ class Block(torch.nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, rotary, freqs, start_pos, mask=None):
-        fused = self.attn.fused_decode(x, self.attn_norm, rotary, freqs, start_pos)  # CPU decode: one kernel call
+        fused = self.attn.fused_decode(x, self.attn_norm, rotary, start_pos)  # CPU decode: one kernel call
         x = fused if fused is not None else x + self.attn(self.attn_norm(x), rotary, freqs, start_pos, mask)
         fused = self.ffn.fused_decode(x, self.ffn_norm) if hasattr(self.ffn, "fused_decode") else None
         return fused if fused is not None else x + self.ffn(self.ffn_norm(x))

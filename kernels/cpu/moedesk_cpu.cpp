@@ -40,9 +40,19 @@ struct Weight {
   const float* scale;
   const uint8_t* zero;
   const float* xsum = nullptr;  // int4 by nibbles: Σx of the bf16 activations per row and group [M, G]
+  const float* xscale = nullptr;  // int8 by VNNI: the activations are int16, x[m] ≈ xscale[m] · xq[m]
   int64_t count = 1;            // matrices in a stacked weight [count, N, K] (experts)
 
   int64_t groups() const { return (K + group - 1) / group; }
+
+  // int8 read by vpdpwssd (vnni_rows) against activations quantized to int16 per row.
+  bool vnni() const {
+#ifdef __AVX512VNNI__
+    return fmt == I8 && K % 32 == 0;
+#else
+    return false;
+#endif
+  }
 
   // int4 read by nibbles, 128 columns a step (wide_rows), with the activations reordered to match.
   bool nibbles() const {
@@ -115,7 +125,11 @@ struct Weight {
       };
       switch (fmt) {
         case BF16: return dp.template operator()<BF16>();
-        case I8: return dp.template operator()<I8>();
+        case I8:
+          if (!xscale) return dp.template operator()<I8>();
+          return blocks<8, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {  // xb is int16
+            vnni_rows<R, MB>(reinterpret_cast<const int16_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0);
+          });
         case I4:
           if (!nibbles()) return dp.template operator()<I4>();
           return blocks<4, 1>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {  // xb is reordered
@@ -321,6 +335,40 @@ struct Weight {
       for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]) - corr[r][m];
   }
 
+#ifdef __AVX512VNNI__
+  // int8 weights sign-extended to int16 and dotted with int16 activations by vpdpwssd: 32 products per
+  // instruction, summed exactly in int32, where the bf16 path spends five instructions widening each 32
+  // weights. The activations' int16 rounding (2^-15 of the row's largest) is finer than bf16's (2^-9 of
+  // each value) wherever a value is within 64x of the largest, where the dot's error comes from. int32
+  // lanes are safe for 8,192 columns (2 · 127 · 32767 per instruction), so longer rows flush to fp32.
+  template <int R, int MB>
+  void vnni_rows(const int16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0) const {
+    constexpr int64_t FLUSH = 8192;
+    float acc[R][MB] = {};  // in memory: the R × MB int32 partials take the vector registers
+    const int8_t* row[R];
+    for (int r = 0; r < R; ++r) row[r] = reinterpret_cast<const int8_t*>(q + (n + r) * row_bytes());
+    for (int64_t k0 = 0; k0 < K; k0 += FLUSH) {
+      __m512i part[R][MB];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MB; ++m) part[r][m] = _mm512_setzero_si512();
+      const int64_t k1 = std::min(K, k0 + FLUSH);
+      for (int64_t k = k0; k < k1; k += 32) {
+        __m512i w[R];
+        for (int r = 0; r < R; ++r)
+          w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k)));
+        for (int m = 0; m < MB; ++m) {
+          const __m512i xv = _mm512_loadu_si512(x + m * K + k);
+          for (int r = 0; r < R; ++r) part[r][m] = _mm512_dpwssd_epi32(part[r][m], w[r], xv);
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MB; ++m) acc[r][m] += _mm512_reduce_add_ps(_mm512_cvtepi32_ps(part[r][m]));
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = acc[r][m] * (scale[n + r] * xscale[m0 + m]);
+  }
+#endif
+
   template <int FMT, int R, int MB>
   void dp_rows(const uint16_t* x, int64_t n, float* y, int64_t ldy) const {
     __m512 acc[R][MB];
@@ -415,14 +463,142 @@ inline float bf16_value(uint16_t b) {
   return v;
 }
 
+// ---- elementwise and per-row helpers -------------------------------------------------------------
+
+#ifdef __AVX512F__
+// exp(x) = 2^n · e^r with n = round(x / ln 2), |r| ≤ ln 2 / 2 and Cephes' degree-6 polynomial for e^r
+// (relative error below 2e-7): a scalar std::exp per softmax position cost more than the dot product.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.972077f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+
+// 16 (or the tail's) fp32 or bf16 values from p as fp32, zeros past the mask.
+inline __m512 load_f32(const void* p, bool bf16, __mmask16 m) {
+  if (!bf16) return _mm512_maskz_loadu_ps(m, p);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// v = exp(v + shift) for n values; returns their sum.
+float exp_shifted(float* v, int64_t n, float shift) {
+  float sum = 0.f;
+  int64_t i = 0;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  const __m512 sh = _mm512_set1_ps(shift);
+  for (; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 e = exp16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, v + i), sh));
+    _mm512_mask_storeu_ps(v + i, m, e);
+    acc = _mm512_mask_add_ps(acc, m, acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) sum += (v[i] = std::exp(v[i] + shift));
+  return sum;
+}
+
+// out = silu(g) · u = g / (1 + exp(−g)) · u for n values (out may be g).
+void silu_mul(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  for (; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+    const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(gv, den), _mm512_maskz_loadu_ps(m, u + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+// q · row over D values, the row fp32 or bf16 (the latent cache's dtypes).
+inline float dot_row(const float* q, const void* row, bool bf16, int64_t D) {
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 16) {
+    const __mmask16 m = tail_mask(D - c);
+    const void* p = bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(row) + c)
+                         : static_cast<const void*>(static_cast<const float*>(row) + c);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + c), load_f32(p, bf16, m), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float acc = 0.f;
+  for (int64_t c = 0; c < D; ++c)
+    acc += q[c] * (bf16 ? bf16_value(static_cast<const uint16_t*>(row)[c]) : static_cast<const float*>(row)[c]);
+  return acc;
+#endif
+}
+
+// o[c] = Σ_s p[s] · rows[s][c] for c < C over n rows of stride `stride` values, fp32 or bf16: 64 columns
+// at a time stay in registers while the rows stream past.
+void weighted_rows(const float* p, const void* rows, bool bf16, int64_t n, int64_t stride, float* o, int64_t C) {
+  const int64_t esz = bf16 ? 2 : 4;
+  const char* base = static_cast<const char*>(rows);
+#ifdef __AVX512F__
+  for (int64_t c0 = 0; c0 < C; c0 += 64) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __mmask16 m[4];
+    for (int j = 0; j < 4; ++j) m[j] = c0 + 16 * j < C ? tail_mask(C - c0 - 16 * j) : 0;
+    for (int64_t s2 = 0; s2 < n; ++s2) {
+      const __m512 pv = _mm512_set1_ps(p[s2]);
+      const char* r = base + (s2 * stride + c0) * esz;
+      for (int j = 0; j < 4; ++j)
+        if (m[j]) acc[j] = _mm512_fmadd_ps(pv, load_f32(r + 16 * j * esz, bf16, m[j]), acc[j]);
+    }
+    for (int j = 0; j < 4; ++j)
+      if (m[j]) _mm512_mask_storeu_ps(o + c0 + 16 * j, m[j], acc[j]);
+  }
+#else
+  for (int64_t c = 0; c < C; ++c) {
+    float acc = 0.f;
+    for (int64_t s2 = 0; s2 < n; ++s2) {
+      const char* r = base + (s2 * stride + c) * esz;
+      acc += p[s2] * (bf16 ? bf16_value(*reinterpret_cast<const uint16_t*>(r)) : *reinterpret_cast<const float*>(r));
+    }
+    o[c] = acc;
+  }
+#endif
+}
+
 // The activations x [M, K] as the kernels for weight w read them: rounded to bf16 for the bf16 dot
-// kernels (empty where they do not apply); for int4 by nibbles, each 64 columns reordered as the 32 even
-// then the 32 odd ones, and w.xsum set to Σx per row and group.
+// kernels (empty where they do not apply); for int8 by VNNI, int16 with w.xscale set to each row's
+// scale; for int4 by nibbles, reordered to match the nibbles, and w.xsum set to Σx per row and group.
 std::vector<uint16_t> activations(const float* x, int64_t M, int64_t K, Weight& w, std::vector<float>& xsum) {
   std::vector<uint16_t> out;
 #ifdef __AVX512BF16__
   if (w.fmt == F32) return out;
   out.resize(M * K);
+  if (w.vnni()) {  // int16 per row: x ≈ scale · round(x / scale), scale = max|x| / 32767
+    xsum.resize(M);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float amax = 0.f;
+      for (int64_t i = 0; i < K; ++i) amax = std::max(amax, std::fabs(xm[i]));
+      const float s = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / s;
+      for (int64_t i = 0; i < K; ++i)
+        out[m * K + i] = static_cast<uint16_t>(static_cast<int16_t>(std::nearbyint(xm[i] * inv)));
+      xsum[m] = s;
+    }
+    w.xscale = xsum.data();
+    return out;
+  }
   if (!w.nibbles()) {
     for (int64_t i = 0; i < M * K; ++i) out[i] = bf16_bits(x[i]);
     return out;
@@ -486,10 +662,7 @@ void moe_accumulate(const float* xp, int64_t M, const int64_t* ip, const float* 
     std::vector<float> xsum, asum;
     std::vector<uint16_t> xsb = activations(xs.data(), r, H, gu, xsum);
     gu.product(xs.data(), xsb.empty() ? nullptr : xsb.data(), r, h.data());
-    for (int64_t i = 0; i < r; ++i) {
-      const float* g = &h[i * I2];
-      for (int64_t c = 0; c < I; ++c) a[i * I + c] = g[c] / (1.f + std::exp(-g[c])) * g[I + c];
-    }
+    for (int64_t i = 0; i < r; ++i) silu_mul(&h[i * I2], &h[i * I2 + I], &a[i * I], I);
     std::vector<uint16_t> ab = activations(a.data(), r, I, dn, asum);
     dn.product(a.data(), ab.empty() ? nullptr : ab.data(), r, ye.data());
     for (int64_t i = 0; i < r; ++i)
@@ -615,8 +788,8 @@ at::Tensor mla_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef int
     }
   // absorbed query per head: ql[t, h] = w_k[h]ᵀ · q_nope[t, h], w_k stored [nh, C, nope], scale folded in
   const int64_t abs_fmt = ints[14];
-  Weight wk = weight_of(t[12], t[12].new_empty({0}), t[12].new_empty({0}), abs_fmt, 0, C, nope);
-  Weight wv = weight_of(t[13], t[13].new_empty({0}), t[13].new_empty({0}), abs_fmt, 0, V, C);
+  Weight wk = weight_of(t[12], at::Tensor(), at::Tensor(), abs_fmt, 0, C, nope);  // fp32 or bf16: no scales
+  Weight wv = weight_of(t[13], at::Tensor(), at::Tensor(), abs_fmt, 0, V, C);
   std::vector<float> ql(nh * T * (C + R)), ol(nh * T * C), out(T * nh * V);
   at::parallel_for(0, nh, 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> xs(T * std::max(nope, C)), ys(T * std::max(C, V)), row(C + R), sc(S);
@@ -632,40 +805,19 @@ at::Tensor mla_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef int
         for (int64_t r = 0; r < R; ++r) qh[i * (C + R) + C + r] = q[(i * nh + hd) * D + nope + r] * scale;
       }
       float* oh = &ol[hd * T * C];
-      std::fill(oh, oh + T * C, 0.f);
       for (int64_t i = 0; i < T; ++i) {  // token i sees cache rows 0..start+i
         const int64_t n = start + i + 1;
+        const bool bf16 = kv.scalar_type() == at::kBFloat16;
+        const int64_t esz = bf16 ? 2 : 4;
+        const char* kb = static_cast<const char*>(kvp);
         float mx = -INFINITY;
         for (int64_t s2 = 0; s2 < n; ++s2) {
-          float acc = 0.f;
-          if (kv.scalar_type() == at::kBFloat16) {
-            const uint16_t* kr = static_cast<const uint16_t*>(kvp) + s2 * (C + R);
-#pragma omp simd reduction(+ : acc)
-            for (int64_t c = 0; c < C + R; ++c) acc += qh[i * (C + R) + c] * bf16_value(kr[c]);
-          } else {
-            const float* kr = static_cast<const float*>(kvp) + s2 * (C + R);
-#pragma omp simd reduction(+ : acc)
-            for (int64_t c = 0; c < C + R; ++c) acc += qh[i * (C + R) + c] * kr[c];
-          }
-          sc[s2] = acc;
-          mx = std::max(mx, acc);
+          sc[s2] = dot_row(qh + i * (C + R), kb + s2 * (C + R) * esz, bf16, C + R);
+          mx = std::max(mx, sc[s2]);
         }
-        float sum = 0.f;
-        for (int64_t s2 = 0; s2 < n; ++s2) sum += (sc[s2] = std::exp(sc[s2] - mx));
-        const float inv = 1.f / sum;
-        float* o = oh + i * C;
-        for (int64_t s2 = 0; s2 < n; ++s2) {
-          const float p = sc[s2] * inv;
-          if (kv.scalar_type() == at::kBFloat16) {
-            const uint16_t* kr = static_cast<const uint16_t*>(kvp) + s2 * (C + R);
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] += p * bf16_value(kr[c]);
-          } else {
-            const float* kr = static_cast<const float*>(kvp) + s2 * (C + R);
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) o[c] += p * kr[c];
-          }
-        }
+        const float inv = 1.f / exp_shifted(sc.data(), n, -mx);
+        for (int64_t s2 = 0; s2 < n; ++s2) sc[s2] *= inv;
+        weighted_rows(sc.data(), kb, bf16, n, C + R, oh + i * C, C);
       }
       Weight wvh = wv.expert(hd);
       std::vector<float> s1;
@@ -776,7 +928,7 @@ std::vector<at::Tensor> moe_ffn(const at::Tensor& x, at::TensorList w, at::IntAr
     std::vector<float> g(T * I), u(T * I), ys(T * H);
     gate(h.data(), T, g.data());
     up(h.data(), T, u.data());
-    for (int64_t i = 0; i < T * I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    silu_mul(g.data(), u.data(), g.data(), T * I);
     dn(g.data(), T, ys.data());
     for (int64_t i = 0; i < T * H; ++i) y[i] += ys[i];
   }
