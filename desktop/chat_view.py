@@ -53,6 +53,8 @@ def stats_line(stats: dict) -> str:
         parts.append(f"acceptance {100 * stats['acceptance_rate']:.0f}%")
     if stats.get("mean_accepted_length"):
         parts.append(f"{stats['mean_accepted_length']:.2f} tokens/step")
+    if stats.get("expert_bytes_per_token"):  # the routed experts' weights each token cost to read
+        parts.append(f"experts {stats['expert_bytes_per_token'] / 2**20:.2f} MiB/token")
     return " · ".join(parts)
 
 

@@ -258,6 +258,9 @@ def summarize(runs: list[dict], configs: list[BenchConfig], encoded) -> dict:
             "median_time_to_first_token_s": statistics.median(x["stats"]["time_to_first_token_s"] or 0 for x in mine),
             "generated_tokens": sum(x["stats"]["generated_tokens"] for x in mine),
         }
+        for key in ("expert_bytes_per_step", "expert_bytes_per_token", "experts_per_layer_step"):
+            values = [x["stats"][key] for x in mine if x["stats"].get(key) is not None]
+            entry[f"median_{key}"] = statistics.median(values) if values else None  # native runs only
         if cfg.mode != "off":
             steps = sum(x["stats"]["verify_steps"] for x in mine)
             acc = sum(x["stats"]["draft_tokens_accepted"] for x in mine)
@@ -294,16 +297,22 @@ def environment(pre: Pretrained) -> dict:
 
 def format_table(result: dict) -> str:
     width = max([12] + [len(n) for n in result["configs"]])
-    head = f"{'config':<{width}} {'tok/s':>8} {'speedup':>8} {'min/prompt':>10} {'acc.len':>8} {'identical':>9}  acceptance/position"
+    head = (f"{'config':<{width}} {'tok/s':>8} {'speedup':>8} {'min/prompt':>10} {'acc.len':>8} {'identical':>9} "
+            f"{'experts':>7} {'MiB/step':>8} {'MiB/tok':>7}  acceptance/position")
     lines = [head, "-" * len(head)]
     for name, e in result["configs"].items():
         acc = e.get("acceptance_per_position")
         acc_s = " ".join(f"{a:.2f}" if a is not None else "-" for a in acc) if acc else ""
         mal = e.get("mean_accepted_length")
         mal_s = "-" if mal is None else f"{mal:.2f}"
+        fig = lambda key, scale, width: "-".rjust(width) if e.get(key) is None else f"{e[key] / scale:>{width}.2f}"  # noqa
         lines.append(f"{name:<{width}} {e['median_decode_tokens_per_s']:>8.1f} {e['speedup']:>7.2f}x "
-                     f"{e['min_prompt_speedup']:>9.2f}x {mal_s:>8} "
-                     f"{str(e['identical_to_off']):>9}  {acc_s}")
+                     f"{e['min_prompt_speedup']:>9.2f}x {mal_s:>8} {str(e['identical_to_off']):>9} "
+                     f"{fig('median_experts_per_layer_step', 1, 7)} {fig('median_expert_bytes_per_step', 2**20, 8)} "
+                     f"{fig('median_expert_bytes_per_token', 2**20, 7)}  {acc_s}")
+    if any(e.get("median_experts_per_layer_step") for e in result["configs"].values()):
+        lines.append("experts: distinct routed experts per MoE layer in a decode pass (its window: the last token "
+                     "and the drafts); MiB/step, MiB/tok: their weights' bytes per pass and per generated token")
     variants = result.get("variants", {})
     if len(variants) > 1:
         lines.append("")

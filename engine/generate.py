@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from engine import cuda_graphs
+from engine.expert_windows import ExpertWindows
 from engine.model.transformer import Transformer
 from engine.routing import balanced_online, online_balancing
 from engine.sampling import (SamplingParams, apply_repetition_penalty, make_generator, probs_from_logits,
@@ -230,10 +231,13 @@ def _generate(model, prompt_ids, params, tokenizer, eos_ids, on_text, on_token, 
     t_prefill = time.perf_counter() - emitter.t0
     if budget == 0:
         return emitter.close(len(prompt_ids), t_prefill)
-    if use_mtp:
-        extra = decode_mtp(model, prompt_ids, hidden, picker, emitter, should_stop, speculative)
-    else:
-        extra = decode_plain(model, hidden, picker, emitter, should_stop)
+    with ExpertWindows(model) as meter:
+        if use_mtp:
+            extra = decode_mtp(model, prompt_ids, hidden, picker, emitter, should_stop, speculative)
+        else:
+            extra = decode_plain(model, hidden, picker, emitter, should_stop)
     result = emitter.close(len(prompt_ids), t_prefill)
     result.stats.update(extra)
+    # the first token came from the prefill; the decode passes produced the rest
+    result.stats.update(meter.summary(len(result.token_ids) - 1))
     return result

@@ -46,6 +46,8 @@ class Router(torch.nn.Module):
         # Routing statistics (engine.routing_stats): observe(router, scores, ids) after each selection.
         self.observe: Callable[["Router", torch.Tensor, torch.Tensor], None] | None = None
         self.online_step: float | None = None  # γ of online balancing at inference; None: off
+        # Each selection's ids [N, k] while engine.expert_windows measures what decode passes read.
+        self.windows: list[torch.Tensor] | None = None
 
     def track_load(self, enabled: bool = True) -> None:
         self.load = torch.zeros(self.n_experts, dtype=torch.long, device=self.bias.device) if enabled else None
@@ -83,6 +85,8 @@ class Router(torch.nn.Module):
             self.load += self.count(ids)
         if self.observe is not None:
             self.observe(self, scores, ids)
+        if self.windows is not None:
+            self.windows.append(ids)
         if self.online_step:  # after this pass's selection: the next pass sees the moved bias
             load = self.count(ids).float()
             self.bias += self.online_step * torch.sign(load.mean() - load)

@@ -226,3 +226,28 @@ def test_fused_attention_over_a_long_context(variant, monkeypatch):
             out[fused] = (model.logits(model(tokens[:, 150:151], 150)), model.logits(model(tokens[:, 151:155], 151)))
     for a, b in zip(out[True], out[False]):
         assert (a - b).abs().max() < (2e-4 if variant == "fp32" else 3e-2) * max(1.0, b.abs().max()), variant
+
+
+def test_every_layer_in_one_call_equals_the_layer_by_layer_calls(monkeypatch):
+    """moedesk::layers_decode (the whole decoder stack, dense and MoE layers, in one call) gives the bits
+    of the per-layer fused calls, and feeds the routers' bookkeeping the same choices."""
+    from engine.model.transformer import Transformer
+    from engine.routing_stats import RoutingRecorder
+
+    model = small_model("fp32", 7, first_k_dense_replace=1)
+    tokens = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(8))
+    calls, real = [], torch.ops.moedesk.layers_decode
+    monkeypatch.setattr(torch.ops.moedesk, "layers_decode", lambda *a: calls.append(1) or real(*a))
+    out = {}
+    for joined in (True, False):
+        if not joined:
+            monkeypatch.setattr(Transformer, "fused_layers", lambda *a: None)
+        with torch.inference_mode(), RoutingRecorder(model) as rec:
+            model.setup_caches(1, 32)
+            model(tokens[:, :7], 0)
+            rec.clear()
+            logits = (model.logits(model(tokens[:, 7:8], 7)), model.logits(model(tokens[:, 8:12], 8)))
+            out[joined] = logits, [rec.layer(j)[0] for j in range(len(rec.routers))]
+    assert len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(out[True][0], out[False][0]))
+    assert all(torch.equal(a, b) for a, b in zip(out[True][1], out[False][1]))

@@ -139,19 +139,25 @@ class MLA(torch.nn.Module):
                                              is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, T, nh, v]
 
-    def fused_decode(self, x: torch.Tensor, norm: RMSNorm, rotary: RotaryEmbedding, start_pos) -> torch.Tensor | None:
-        """x + self(norm(x)) for a few new tokens in one call of moedesk's CPU kernel (kernels/cpu), or None
-        where it does not apply (prefill, the static step, batches, the GPU, a weight format it lacks)."""
+    def fused_args_for(self, x: torch.Tensor, norm: RMSNorm, rotary: RotaryEmbedding, start_pos):
+        """The CPU kernel's (tensors, ints, floats) for these new tokens, or None where it does not apply
+        (prefill, the static step, batches, the GPU, a weight format it lacks)."""
         if (not isinstance(start_pos, int) or start_pos <= 0 or self.cache is None or x.shape[0] != 1
                 or not decode_shaped(x)):
             return None
         args = self._fused.get(self, norm, lambda: self.fused_args(norm, rotary.interleave))
+        if args is not None and start_pos + x.shape[1] > self.cache.max_len:
+            raise ValueError(f"context full: position {start_pos + x.shape[1]} exceeds the cache of "
+                             f"{self.cache.max_len} tokens")
+        return args
+
+    def fused_decode(self, x: torch.Tensor, norm: RMSNorm, rotary: RotaryEmbedding, start_pos) -> torch.Tensor | None:
+        """x + self(norm(x)) for a few new tokens in one call of moedesk's CPU kernel (kernels/cpu), or None
+        where it does not apply (fused_args_for)."""
+        args = self.fused_args_for(x, norm, rotary, start_pos)
         if args is None:
             return None
         tensors, ints, floats = args
-        if start_pos + x.shape[1] > self.cache.max_len:
-            raise ValueError(f"context full: position {start_pos + x.shape[1]} exceeds the cache of "
-                             f"{self.cache.max_len} tokens")
         cos, sin = rotary.rows(start_pos, x.shape[1])
         y = torch.ops.moedesk.mla_decode(x[0], tensors, [start_pos] + ints, floats, self.cache.kv[0], cos, sin)
         return y[None].to(x.dtype)

@@ -25,9 +25,37 @@ class MLP(torch.nn.Module):
         self.gate_proj = Linear(hidden, inter, bias=False)
         self.up_proj = Linear(hidden, inter, bias=False)
         self.down_proj = Linear(inter, hidden, bias=False)
+        self._fused = FusedArgs()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fused_args_for(self, x: torch.Tensor, norm):
+        """The CPU kernel's arguments (moe_ffn's, with no routed experts) for these tokens, or None."""
+        if torch.compiler.is_compiling() or not decode_shaped(x):
+            return None
+        return self._fused.get(self, norm, lambda: self.fused_args(norm))
+
+    def fused_decode(self, x: torch.Tensor, norm) -> torch.Tensor | None:
+        """x + self(norm(x)) for a few tokens in one call of moedesk's CPU kernel, or None."""
+        args = self.fused_args_for(x, norm)
+        if args is None:
+            return None
+        return torch.ops.moedesk.moe_ffn(x.reshape(-1, x.shape[-1]), *args)[0].view(x.shape).to(x.dtype)
+
+    def fused_args(self, norm):
+        """(the weights they are made of, the kernel's tensors and settings or None: a format it lacks)."""
+        layers = (self.gate_proj, self.up_proj, self.down_proj)
+        sources = [norm.weight, *(t for m in layers for t in own_weights(m))]
+        parts = [cpu_weight(m) for m in layers]
+        if any(p is None for p in parts):
+            return sources, None
+        e = cpu.empty()
+        tensors, ints = [norm.weight.detach().float().contiguous()] + [e] * 8, [0] * 9 + [1]  # top_k 0, shared
+        for part in parts:
+            tensors += list(part[0])
+            ints += [part[1], part[2]]
+        return sources, (tensors, ints, [norm.eps, 1.0])
 
 
 class Experts(torch.nn.Module):
@@ -110,21 +138,33 @@ class MoE(torch.nn.Module):
                                if cfg.n_shared_experts else None)
         self._fused = FusedArgs()
 
-    def fused_decode(self, x: torch.Tensor, norm) -> torch.Tensor | None:
-        """x + self(norm(x)) for a few tokens in one call of moedesk's CPU kernel (router included; its load
-        counting and observers still see every choice), or None where it does not apply."""
+    def fused_args_for(self, x: torch.Tensor, norm):
+        """The CPU kernel's (tensors, ints, floats) for these tokens, or None where it does not apply."""
         r = self.router
         if torch.compiler.is_compiling() or r.policy is not None or r.online_step or not decode_shaped(x):
             return None  # a traced step keeps the layers apart (its weights are checked on the host here)
-        args = self._fused.get(self, norm, lambda: self.fused_args(norm))
+        return self._fused.get(self, norm, lambda: self.fused_args(norm))
+
+    def fused_decode(self, x: torch.Tensor, norm) -> torch.Tensor | None:
+        """x + self(norm(x)) for a few tokens in one call of moedesk's CPU kernel (router included; its load
+        counting and observers still see every choice), or None where it does not apply."""
+        args = self.fused_args_for(x, norm)
         if args is None:
             return None
         y, ids, scores = torch.ops.moedesk.moe_ffn(x.reshape(-1, x.shape[-1]), *args)
+        self.account(ids, scores)
+        return y.view(x.shape).to(x.dtype)
+
+    def account(self, ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """What Router.forward does after a selection, for choices the CPU kernel made: load counting,
+        observers, the expert windows."""
+        r = self.router
         if r.load is not None:
             r.load += r.count(ids)
         if r.observe is not None:
             r.observe(r, scores, ids)
-        return y.view(x.shape).to(x.dtype)
+        if r.windows is not None:
+            r.windows.append(ids)
 
     def fused_args(self, norm):
         """(the weights they are made of, the kernel's tensors and settings or None: a format it lacks)."""

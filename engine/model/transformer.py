@@ -29,7 +29,7 @@ class Block(torch.nn.Module):
     def forward(self, x, rotary, freqs, start_pos, mask=None):
         fused = self.attn.fused_decode(x, self.attn_norm, rotary, start_pos)  # CPU decode: one kernel call
         x = fused if fused is not None else x + self.attn(self.attn_norm(x), rotary, freqs, start_pos, mask)
-        fused = self.ffn.fused_decode(x, self.ffn_norm) if hasattr(self.ffn, "fused_decode") else None
+        fused = self.ffn.fused_decode(x, self.ffn_norm)
         return fused if fused is not None else x + self.ffn(self.ffn_norm(x))
 
 
@@ -71,6 +71,7 @@ class Transformer(torch.nn.Module):
         self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = torch.nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + i) for i in range(n_mtp))
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.rope_interleave)
+        self._joined = None  # layers_decode's arguments and what they were made of (_joined_args)
         self.max_seq_len = 0
 
     def reset_rotary(self) -> None:
@@ -122,9 +123,50 @@ class Transformer(torch.nn.Module):
         """
         x = self.embed(tokens)
         freqs, mask = self.attention_inputs(tokens, start_pos)
+        fused = self.fused_layers(x, start_pos)  # CPU decode and verification: every layer in one call
+        if fused is not None:
+            return self.norm(fused)
         for block in self.layers:
             x = block(x, self.rotary, freqs, start_pos, mask)
         return self.norm(x)
+
+    def fused_layers(self, x: torch.Tensor, start_pos) -> torch.Tensor | None:
+        """x [1, T, H] through every block in one call of moedesk's CPU kernel (moedesk::layers_decode: each
+        block's fused attention and feed-forward, no Python between layers), or None where a block's
+        fused path does not apply. The routers' bookkeeping (load, observers, windows) follows the call."""
+        if not isinstance(start_pos, int) or torch.compiler.is_compiling():
+            return None
+        parts = []
+        for b in self.layers:
+            attn = b.attn.fused_args_for(x, b.attn_norm, self.rotary, start_pos)
+            ffn = b.ffn.fused_args_for(x, b.ffn_norm) if attn is not None else None
+            if ffn is None:
+                return None
+            parts.append(attn)
+            parts.append(ffn)
+        kvs = [b.attn.cache.kv for b in self.layers]
+        w, ints, floats, top_k, E = self._joined_args(parts, kvs)
+        cos, sin = self.rotary.rows(start_pos, x.shape[1])
+        y, ids, scores = torch.ops.moedesk.layers_decode(x[0], w, ints, floats, kvs, cos, sin, start_pos, top_k, E)
+        for j, b in enumerate(self.layers):
+            if isinstance(b.ffn, MoE):
+                b.ffn.account(ids[j], scores[j])
+        return y[None].to(x.dtype)
+
+    def _joined_args(self, parts: list, kvs: list) -> tuple:
+        """The blocks' kernel arguments laid end to end (layers_decode's layout), made again when any
+        block's arguments or cache changed (each block's FusedArgs keeps the same objects otherwise)."""
+        key, seen = parts + kvs, self._joined
+        if seen is None or len(seen[0]) != len(key) or any(a is not b for a, b in zip(seen[0], key)):
+            w, ints, floats = [], [], []
+            for attn, ffn in zip(parts[::2], parts[1::2]):
+                w += attn[0] + ffn[0]
+                ints += [0] + attn[1] + ffn[1]  # the attention's start, set by the kernel
+                floats += attn[2] + ffn[2]
+            routers = [b.ffn.router for b in self.layers if isinstance(b.ffn, MoE)]
+            top_k, E = (routers[0].top_k, routers[0].n_experts) if routers else (0, 0)
+            seen = self._joined = (key, (w, ints, floats, top_k, E))
+        return seen[1]
 
     def attention_inputs(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None):
         """Once per pass, for every layer: the rotary rows of these positions, and the attention mask of

@@ -702,7 +702,7 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wei
 
 struct Lin {  // a linear weight from the tensor list: (q, scale, zero) with its format and group
   Weight w;
-  Lin(const std::vector<at::Tensor>& t, size_t i, int64_t fmt, int64_t group) {
+  Lin(const at::Tensor* t, size_t i, int64_t fmt, int64_t group) {
     const at::Tensor& q = t[i];
     const int64_t K = in_features(q, fmt);
     w = weight_of(q, t[i + 1], t[i + 2], fmt, group, q.size(-2), K);
@@ -740,22 +740,19 @@ inline float load_value(const at::Tensor& t, const void* base, int64_t i) {
                                           : static_cast<const float*>(base)[i];
 }
 
-at::Tensor mla_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef ints, at::ArrayRef<double> floats,
-                      const at::Tensor& kv, const at::Tensor& cos, const at::Tensor& sin) {
-  const std::vector<at::Tensor> t(w.begin(), w.end());
+// x [T, H] fp32 in place: x += attention(rms_norm(x)); t: the 17 tensors, ints: the 17 ints, floats: 2.
+void mla_layer(float* x, int64_t T, int64_t H, const at::Tensor* t, const int64_t* ints, const double* floats,
+               const at::Tensor& kv, const float* cosp, const float* sinp) {
   const int64_t start = ints[0], nh = ints[1], nope = ints[2], R = ints[3], V = ints[4], C = ints[5];
   const int64_t q_lora = ints[6];
   const bool interleave = ints[7] != 0;
   const float eps = static_cast<float>(floats[0]), scale = static_cast<float>(floats[1]);
-  TORCH_CHECK(t.size() == 17 && ints.size() == 17, "moedesk.mla_decode: 17 tensors and 17 ints expected");
   TORCH_CHECK(kv.is_contiguous() && kv.dim() == 2 && kv.size(1) == C + R, "moedesk.mla_decode: kv [S, C+R]");
-  at::Tensor xf = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
-  const int64_t T = xf.size(0), H = xf.size(1), D = nope + R, S = start + T;
+  const int64_t D = nope + R, S = start + T;
   TORCH_CHECK(T <= 16 && S <= kv.size(0), "moedesk.mla_decode: at most 16 tokens, inside the cache");
-  at::Tensor cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
   const float* norm_w = t[0].data_ptr<float>();
 
-  std::vector<float> h(xf.data_ptr<float>(), xf.data_ptr<float>() + T * H);
+  std::vector<float> h(x, x + T * H);
   rms_norm_rows(h.data(), T, H, norm_w, eps);
   std::vector<float> q(T * nh * D);
   if (q_lora) {
@@ -771,10 +768,9 @@ at::Tensor mla_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef int
   for (int64_t i = 0; i < T; ++i) {
     float* r = &lat[i * (C + R)];
     rms_norm_rows(r, 1, C, t[11].data_ptr<float>(), eps);
-    rope(r + C, R, cf.data_ptr<float>() + i * (R / 2), sf.data_ptr<float>() + i * (R / 2), interleave);
+    rope(r + C, R, cosp + i * (R / 2), sinp + i * (R / 2), interleave);
     for (int64_t hd = 0; hd < nh; ++hd)
-      rope(&q[(i * nh + hd) * D + nope], R, cf.data_ptr<float>() + i * (R / 2), sf.data_ptr<float>() + i * (R / 2),
-           interleave);
+      rope(&q[(i * nh + hd) * D + nope], R, cosp + i * (R / 2), sinp + i * (R / 2), interleave);
   }
   // the new tokens into the cache
   void* kvp = kv.data_ptr();
@@ -828,10 +824,16 @@ at::Tensor mla_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef int
   });
   std::vector<float> y(T * H);
   Lin(t, 14, ints[15], ints[16])(out.data(), T, y.data());  // out_proj
-  at::Tensor res = at::empty({T, H}, xf.options());
-  float* rp = res.data_ptr<float>();
-  const float* xp = xf.data_ptr<float>();
-  for (int64_t i = 0; i < T * H; ++i) rp[i] = xp[i] + y[i];
+  for (int64_t i = 0; i < T * H; ++i) x[i] += y[i];
+}
+
+at::Tensor mla_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef ints, at::ArrayRef<double> floats,
+                      const at::Tensor& kv, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(w.size() == 17 && ints.size() == 17, "moedesk.mla_decode: 17 tensors and 17 ints expected");
+  at::Tensor res = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous().clone();
+  at::Tensor cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
+  mla_layer(res.data_ptr<float>(), res.size(0), res.size(1), w.data(), ints.data(), floats.data(), kv,
+            cf.data_ptr<float>(), sf.data_ptr<float>());
   return res.view(x.sizes());
 }
 
@@ -846,27 +848,22 @@ at::Tensor mla_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef int
 // ints: experts' (format, group), top_k, n_group, topk_group, method (0 greedy, 1 group-limited greedy,
 //    2 noaux_tc), scoring (0 sigmoid, 1 softmax), norm_topk_prob, v2 weighting, shared (0/1), then
 //    (format, group) of the shared gate, up, down. floats: eps, routed scaling.
-std::vector<at::Tensor> moe_ffn(const at::Tensor& x, at::TensorList w, at::IntArrayRef ints,
-                                at::ArrayRef<double> floats) {
-  const std::vector<at::Tensor> t(w.begin(), w.end());
-  TORCH_CHECK(t.size() == 18 && ints.size() == 16, "moedesk.moe_ffn: 18 tensors and 16 ints expected");
-  at::Tensor xf = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
-  const int64_t T = xf.size(0), H = xf.size(1), E = t[1].size(0);
+// x [T, H] fp32 in place: x += moe(rms_norm(x)); t: the 18 tensors, ints: the 16 ints, floats: 2; the
+// choices into ip [T, top_k] and the affinities into sp [T, E]. top_k 0: a dense MLP (the shared part).
+void moe_layer(float* x, int64_t T, int64_t H, const at::Tensor* t, const int64_t* ints, const double* floats,
+               int64_t* ip, float* sp) {
+  const int64_t E = t[1].numel() ? t[1].size(0) : 0;
   const int64_t fmt = ints[0], group = ints[1], top_k = ints[2], n_group = ints[3], topk_group = ints[4];
   const int64_t method = ints[5], scoring = ints[6];
   const bool norm_topk = ints[7] != 0, v2 = ints[8] != 0, shared = ints[9] != 0;
   const float eps = static_cast<float>(floats[0]), scaling = static_cast<float>(floats[1]);
   TORCH_CHECK(T <= 16 && top_k <= E, "moedesk.moe_ffn: at most 16 tokens");
-  std::vector<float> h(xf.data_ptr<float>(), xf.data_ptr<float>() + T * H);
+  std::vector<float> h(x, x + T * H);
   rms_norm_rows(h.data(), T, H, t[0].data_ptr<float>(), eps);
-
-  at::Tensor scores = at::empty({T, E}, xf.options()), ids = at::empty({T, top_k}, xf.options().dtype(at::kLong));
-  float* sp = scores.data_ptr<float>();
-  int64_t* ip = ids.data_ptr<int64_t>();
   std::vector<float> gains(T * top_k);
-  const float* rw = t[1].data_ptr<float>();
-  const float* bias = t[2].data_ptr<float>();
-  for (int64_t i = 0; i < T; ++i) {
+  const float* rw = top_k ? t[1].data_ptr<float>() : nullptr;
+  const float* bias = top_k ? t[2].data_ptr<float>() : nullptr;
+  for (int64_t i = 0; i < T && top_k; ++i) {
     float* sc = sp + i * E;
     for (int64_t e = 0; e < E; ++e) {
       float acc = 0.f;
@@ -919,9 +916,11 @@ std::vector<at::Tensor> moe_ffn(const at::Tensor& x, at::TensorList w, at::IntAr
     }
   }
   std::vector<float> y(T * H, 0.f);
-  Weight gate_up = weight_of(t[3], t[4], t[5], fmt, group, t[3].size(1), in_features(t[3], fmt));
-  Weight down = weight_of(t[6], t[7], t[8], fmt, group, H, in_features(t[6], fmt));
-  moe_accumulate(h.data(), T, ip, gains.data(), top_k, gate_up, down, y.data());
+  if (top_k) {
+    Weight gate_up = weight_of(t[3], t[4], t[5], fmt, group, t[3].size(1), in_features(t[3], fmt));
+    Weight down = weight_of(t[6], t[7], t[8], fmt, group, H, in_features(t[6], fmt));
+    moe_accumulate(h.data(), T, ip, gains.data(), top_k, gate_up, down, y.data());
+  }
   if (shared) {
     Lin gate(t, 9, ints[10], ints[11]), up(t, 12, ints[12], ints[13]), dn(t, 15, ints[14], ints[15]);
     const int64_t I = gate.w.N;
@@ -932,10 +931,48 @@ std::vector<at::Tensor> moe_ffn(const at::Tensor& x, at::TensorList w, at::IntAr
     dn(g.data(), T, ys.data());
     for (int64_t i = 0; i < T * H; ++i) y[i] += ys[i];
   }
-  at::Tensor res = at::empty({T, H}, xf.options());
-  float* rp = res.data_ptr<float>();
-  const float* xp = xf.data_ptr<float>();
-  for (int64_t i = 0; i < T * H; ++i) rp[i] = xp[i] + y[i];
+  for (int64_t i = 0; i < T * H; ++i) x[i] += y[i];
+}
+
+std::vector<at::Tensor> moe_ffn(const at::Tensor& x, at::TensorList w, at::IntArrayRef ints,
+                                at::ArrayRef<double> floats) {
+  TORCH_CHECK(w.size() == 18 && ints.size() == 16, "moedesk.moe_ffn: 18 tensors and 16 ints expected");
+  at::Tensor res = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous().clone();
+  const int64_t T = res.size(0), E = w[1].numel() ? w[1].size(0) : 0, top_k = ints[2];
+  at::Tensor scores = at::empty({T, E}, res.options()), ids = at::empty({T, top_k}, res.options().dtype(at::kLong));
+  moe_layer(res.data_ptr<float>(), T, res.size(1), w.data(), ints.data(), floats.data(), ids.data_ptr<int64_t>(),
+            scores.data_ptr<float>());
+  return {res.view(x.sizes()), ids, scores};
+}
+
+// ---- every decoder layer of a decode or verification pass in one call -------------------------------
+//
+// x [T, H] through L layers, each mla_layer then moe_layer, with the arguments those ops take laid end to
+// end: per layer 17 + 18 tensors, 17 + 16 ints (the attention's first, its start, is `start` here) and
+// 2 + 2 floats, and its latent cache kvs[l] ([S, C+R] or [1, S, C+R]). Returns (x, ids [L, T, top_k], scores [L, T, E]) with the routed layers'
+// choices (a dense layer's rows are -1 and 0); top_k and E are the largest of any layer.
+std::vector<at::Tensor> layers_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef ints,
+                                      at::ArrayRef<double> floats, at::TensorList kvs, const at::Tensor& cos,
+                                      const at::Tensor& sin, int64_t start, int64_t top_k, int64_t E) {
+  const int64_t L = kvs.size();
+  TORCH_CHECK(w.size() == 35 * L && ints.size() == 33 * L && floats.size() == 4 * L,
+              "moedesk.layers_decode: 35 tensors, 33 ints and 4 floats per layer expected");
+  at::Tensor res = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous().clone();
+  const int64_t T = res.size(0), H = res.size(1);
+  at::Tensor cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
+  at::Tensor ids = at::full({L, T, top_k}, -1, res.options().dtype(at::kLong)), scores = at::zeros({L, T, E}, res.options());
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* t = w.data() + 35 * l;
+    std::vector<int64_t> in(ints.begin() + 33 * l, ints.begin() + 33 * (l + 1));
+    in[0] = start;
+    const double* fl = floats.data() + 4 * l;
+    const at::Tensor kv = kvs[l].dim() == 3 ? kvs[l].select(0, 0) : kvs[l];  // [1, S, C+R] caches
+    mla_layer(res.data_ptr<float>(), T, H, t, in.data(), fl, kv, cf.data_ptr<float>(), sf.data_ptr<float>());
+    const int64_t k = in[17 + 2], e = t[18].numel() ? t[18].size(0) : 0;
+    TORCH_CHECK(k == 0 || (k == top_k && e == E), "moedesk.layers_decode: every routed layer's top_k and E alike");
+    moe_layer(res.data_ptr<float>(), T, H, t + 17, in.data() + 17, fl + 2, ids[l].data_ptr<int64_t>(),
+              scores[l].data_ptr<float>());
+  }
   return {res.view(x.sizes()), ids, scores};
 }
 
@@ -945,6 +982,8 @@ TORCH_LIBRARY(moedesk, m) {
   m.def("linear(Tensor x, Tensor q, Tensor scale, Tensor zero, int fmt, int group) -> Tensor");
   m.def("moe_ffn(Tensor x, Tensor[] w, int[] ints, float[] floats) -> Tensor[]");
   m.def("mla_decode(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!) kv, Tensor cos, Tensor sin) -> Tensor");
+  m.def("layers_decode(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!)[] kvs, Tensor cos, Tensor sin, "
+        "int start, int top_k, int E) -> Tensor[]");
   m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor gu_q, Tensor gu_s, Tensor gu_z, Tensor dn_q, "
         "Tensor dn_s, Tensor dn_z, int fmt, int group) -> Tensor");
 }
@@ -954,4 +993,5 @@ TORCH_LIBRARY_IMPL(moedesk, CPU, m) {
   m.impl("moe", &moe);
   m.impl("mla_decode", &mla_decode);
   m.impl("moe_ffn", &moe_ffn);
+  m.impl("layers_decode", &layers_decode);
 }
