@@ -81,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a text file, and routing statistics (engine/routing_stats.py)")
     _add_model_args(e)
-    e.add_argument("--text-file", required=True)
+    e.add_argument("--text-file", required=True, action="append",
+                   help="a text file, or a folder of .txt files; repeat for several documents (with several, "
+                        "routing.batch_max_mean_load: DeepSeek-V3's batch-wise balance, engine/routing_stats.py)")
     e.add_argument("--window", type=int, default=512, help="tokens scored per forward pass")
+    e.add_argument("--batch-window", type=int, default=256, help="tokens per document in a balance batch")
     e.add_argument("--json", action="store_true")
     _add_quant_args(e)
 
@@ -199,22 +202,59 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def text_files(paths: list[str]) -> list[Path]:
+    """Files as given, folders as the .txt files in them (sorted)."""
+    out = []
+    for p in map(Path, paths):
+        out += sorted(p.glob("*.txt")) if p.is_dir() else [p]
+    if not out:
+        raise SystemExit(f"no .txt files in {', '.join(paths)}")
+    return out
+
+
 def cmd_eval(args) -> int:
+    import math
+
     from engine.evaluate import perplexity
     from engine.pretrained import load_pretrained
+    from engine.routing_stats import BATCH_DOCUMENTS, batch_load
 
     pre = load_pretrained(args.model, device=args.device, dtype=args.dtype, quant=quant_spec(args, args.quant))
-    text = Path(args.text_file).read_text(encoding="utf-8")
+    files = text_files(args.text_file)
+    texts = [f.read_text(encoding="utf-8") for f in files]
     t0 = time.perf_counter()
-    res = perplexity(pre, text, window=args.window, routing=True)
+    if len(texts) == 1:
+        res = perplexity(pre, texts[0], window=args.window, routing=True)
+    else:
+        each = [{"file": str(f), **perplexity(pre, t, window=args.window, routing=True)} for f, t in zip(files, texts)]
+        tokens = sum(r["tokens"] for r in each)
+        nll = sum(r["nll_per_token"] * r["tokens"] for r in each) / tokens
+        res = {"perplexity": math.exp(nll), "nll_per_token": nll, "tokens": tokens, "texts": each, "routing": None}
+        if each[0]["routing"]:
+            res["routing"] = batch_load(pre.model, [pre.tokenizer.encode(t) for t in texts], args.batch_window,
+                                        min(BATCH_DOCUMENTS, len(texts)))
+            res["routing"]["per_text_max_mean_load"] = [r["routing"]["max_mean_load"] for r in each]
     res["seconds"] = time.perf_counter() - t0
     res["quantization"] = args.quant
     if args.json:
         print(json.dumps(res))
-    else:
-        print(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens")
-        if res["routing"]:
-            print(format_routing(res["routing"]))
+        return 0
+    print(f"perplexity {res['perplexity']:.3f} over {res['tokens']} tokens"
+          + (f" in {len(texts)} documents" if len(texts) > 1 else ""))
+    for r in res.get("texts", []):
+        print(f"  {r['file']}: perplexity {r['perplexity']:.3f} over {r['tokens']} tokens")
+    if res["routing"] and len(texts) == 1:
+        print(format_routing(res["routing"]))
+    elif res["routing"]:
+        b = res["routing"]
+        if b["batches"]:
+            print(f"batch-wise max/mean load {b['batch_max_mean_load']:.3f} (worst layer "
+                  f"{b['batch_max_mean_load_worst']:.3f}) over {b['batches']} batches of one {b['window']}-token "
+                  f"window from each of {b['documents']} documents")
+        else:
+            print(f"batch-wise load: no batch (documents shorter than {b['window']} tokens)")
+        if b["documents"] < BATCH_DOCUMENTS:
+            print(f"  (fewer than {BATCH_DOCUMENTS} documents: the batches are smaller than DeepSeek-V3-style balance asks)")
     return 0
 
 

@@ -44,6 +44,7 @@ class ExpertWindows:
         layers = [b.ffn for b in model.layers if isinstance(getattr(b.ffn, "router", None), Router)]
         self.routers = [f.router for f in layers]
         self.bytes = [expert_bytes(f.experts, f.router.n_experts) for f in layers]
+        self.bytes_per_layer = torch.tensor(self.bytes, dtype=torch.float64)
         self.recorded: list[list[torch.Tensor]] = [[] for _ in layers]
 
     def __enter__(self) -> "ExpertWindows":
@@ -55,6 +56,14 @@ class ExpertWindows:
         self.recorded = [r.windows or [] for r in self.routers]
         for r in self.routers:
             r.windows = None
+
+    def last_bytes(self) -> float | None:
+        """The newest pass's routed-expert bytes (None before any, or where passes go unmeasured)."""
+        if not self.routers or not self.routers[0].windows:
+            return None
+        ids = torch.stack([r.windows[-1].reshape(-1) for r in self.routers]).sort(-1).values  # [L, rows·k]
+        distinct = (ids[:, 1:] != ids[:, :-1]).sum(-1) + 1
+        return float((distinct * self.bytes_per_layer).sum())
 
     def summary(self, tokens: int) -> dict:
         """tokens: what the recorded passes produced (accepted drafts and the main model's own tokens)."""

@@ -233,7 +233,7 @@ def _generate(model, prompt_ids, params, tokenizer, eos_ids, on_text, on_token, 
         return emitter.close(len(prompt_ids), t_prefill)
     with ExpertWindows(model) as meter:
         if use_mtp:
-            extra = decode_mtp(model, prompt_ids, hidden, picker, emitter, should_stop, speculative)
+            extra = decode_mtp(model, prompt_ids, hidden, picker, emitter, should_stop, speculative, meter)
         else:
             extra = decode_plain(model, hidden, picker, emitter, should_stop)
     result = emitter.close(len(prompt_ids), t_prefill)

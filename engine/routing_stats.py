@@ -18,6 +18,12 @@ Overall: each number averaged over the main model's MoE layers with equal weight
 same tokens); `max_mean_load_worst` is the worst layer's. MTP modules' routers are left out unless asked
 for (`mtp=True`), and then reported apart under "mtp", never in the overall averages.
 
+Batch-wise balance (`batch_load`), the way DeepSeek-V3 balances (its bias moves on whole-batch loads): a
+batch is one window (default 256 tokens) from each of many documents (≥ 16 asked for), the b-th window
+of every document that has one; per layer the max/mean load over the batch's tokens, averaged over the
+batches; `batch_max_mean_load` is the mean over layers, `batch_max_mean_load_worst` the worst layer's.
+Per-text load (max_mean_load above, over one contiguous text) stays reported, not bounded.
+
 Recording hooks `Router.observe`; a model with no recorder attached pays one `is None` test per layer.
 """
 from __future__ import annotations
@@ -213,3 +219,34 @@ class RoutingRecorder:
         if mtp:
             out["mtp"] = mtp
         return out
+
+
+BATCH_WINDOW, BATCH_DOCUMENTS = 256, 16
+
+
+@torch.inference_mode()
+def batch_load(model: torch.nn.Module, documents: list[list[int]], window: int = BATCH_WINDOW,
+               min_documents: int = BATCH_DOCUMENTS) -> dict:
+    """Batch-wise max/mean load (module docstring) of token id lists, one per document. Batches with fewer
+    than min_documents windows are not formed (a short document drops out of later batches)."""
+    device = model.norm.weight.device
+    windows = [[d[i:i + window] for i in range(0, len(d) - window + 1, window)] for d in documents]
+    per_layer: list[list[float]] = []
+    batches = 0
+    for b in range(max((len(w) for w in windows), default=0)):
+        rows = [w[b] for w in windows if len(w) > b]
+        if len(rows) < min_documents:
+            break
+        with RoutingRecorder(model) as rec:
+            model(torch.tensor(rows, device=device))  # causal within each window, no cache
+        loads = [load_balance(expert_counts(rec.layer(j)[0], r.n_experts))["max_mean_load"]
+                 for j, (_, _, r) in enumerate(rec.routers)]
+        per_layer.append(loads)
+        batches += 1
+    out = {"documents": len(documents), "window": window, "batches": batches,
+           "batch_max_mean_load": None, "batch_max_mean_load_worst": None, "batch_max_mean_load_layers": []}
+    if batches:
+        layers = [sum(col) / batches for col in zip(*per_layer)]
+        out.update(batch_max_mean_load=sum(layers) / len(layers), batch_max_mean_load_worst=max(layers),
+                   batch_max_mean_load_layers=layers)
+    return out

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from engine import cuda_graphs
+from engine.expert_windows import ExpertWindows
 from engine.generate import Emitter, TokenPicker
 from engine.model.transformer import Transformer
 from engine.routing import online_balancing
@@ -180,13 +181,22 @@ class DraftLength:
     the recent acceptance per position. k = 0 is a plain step. Unmeasured k are estimated from the
     nearest measured one plus the measured cost per drafted token; after a run of plain steps it
     probes k = 1 to refresh its estimates, waiting twice as long after each probe that changed
-    nothing, so a model whose drafts never pay costs at most a few percent."""
+    nothing, so a model whose drafts never pay costs at most a few percent.
+
+    Routing-aware: where the routed experts' bytes of each pass are measured (engine/expert_windows.py),
+    a step with k drafts is expected to cost its measured time plus the cost of the bytes by which the
+    next window's union is expected to differ from the average behind that time: bytes(k) · (r − 1),
+    r the recent windows' union relative to their k's average (text that routes coherently now reads
+    fewer experts per window), priced at the seconds per byte fitted from how step times moved with
+    the union at the same k. Where expert bytes decide the cost (a model that does not fit in cache)
+    this moves k with the text; where they do not, the fitted price is about 0 and nothing changes."""
 
     EMA = 0.2  # weight of the newest step-time observation
     DECAY = 0.97  # acceptance counts fade so that the estimate follows the text being written
     PRIOR = (0.8, 2.0)  # acceptance assumed before any evidence, and how many observations it weighs
     PROBE_FIRST, PROBE_MAX = 16, 256
     VERIFY_GROWTH = 0.05  # assumed extra verification cost per extra token, relative to a 1-token step
+    RECENT = 0.3  # weight of the newest window in r, the recent union relative to its k's average
 
     def __init__(self, cfg: SpeculativeConfig):
         self.fixed = None if cfg.k == "auto" else int(cfg.k)
@@ -197,16 +207,31 @@ class DraftLength:
         self.t_draft: float | None = None  # seconds per drafted token (MTP passes incl. catch-up)
         self.plain_streak = 0
         self.probe_every = self.PROBE_FIRST
+        self.bytes: dict[int, float] = {}  # k → routed-expert bytes per pass, averaged like t_step
+        self.recent: float | None = None  # r: recent windows' bytes over their k's average
+        self.cov = self.var = 0.0  # decayed Σ Δt·Δbytes and Σ Δbytes² at equal k: the price of a byte
 
     def _ema(self, old, new):
         return new if old is None else (1 - self.EMA) * old + self.EMA * new
 
     def step_cost(self, k: int) -> float:
         if k in self.t_step:
-            return self.t_step[k]
+            return self.t_step[k] + self.union_cost(k)
         known = max(j for j in self.t_step if j < k)
         per_draft = (self.t_draft or 0.0) + self.VERIFY_GROWTH * self.t_step[0]
-        return self.t_step[known] + (k - known) * per_draft  # optimistic until measured
+        return self.t_step[known] + self.union_cost(known) + (k - known) * per_draft  # optimistic until measured
+
+    @property
+    def seconds_per_byte(self) -> float:
+        """How much a step's time grew with its window's expert bytes at the same k (≥ 0)."""
+        return max(0.0, self.cov / self.var) if self.var > 0 else 0.0
+
+    def union_cost(self, k: int) -> float:
+        """Expected extra time of the next window with k drafts for reading more (or fewer) expert bytes
+        than the windows its measured time averages."""
+        if self.recent is None or k not in self.bytes:
+            return 0.0
+        return self.seconds_per_byte * self.bytes[k] * (self.recent - 1.0)
 
     @property
     def alpha(self) -> list[float]:
@@ -249,7 +274,17 @@ class DraftLength:
         self.probe_every = min(2 * self.probe_every, self.PROBE_MAX)
         return 1
 
-    def observe(self, k: int, accepted: int, step_s: float, draft_s: float) -> None:
+    def observe(self, k: int, accepted: int, step_s: float, draft_s: float, window_bytes: float | None = None) -> None:
+        """One step: k drafts, how many were accepted, its wall time, the drafting part of it, and the
+        routed-expert bytes its verification read (None where unmeasured)."""
+        if window_bytes is not None:
+            if k in self.bytes and k in self.t_step and self.bytes[k] > 0:
+                db, dt = window_bytes - self.bytes[k], step_s - self.t_step[k]
+                self.cov = self.DECAY * self.cov + dt * db
+                self.var = self.DECAY * self.var + db * db
+                ratio = window_bytes / self.bytes[k]
+                self.recent = ratio if self.recent is None else (1 - self.RECENT) * self.recent + self.RECENT * ratio
+            self.bytes[k] = self._ema(self.bytes.get(k), window_bytes)
         self.t_step[k] = self._ema(self.t_step.get(k), step_s)
         if k:
             self.t_draft = self._ema(self.t_draft, draft_s / k)
@@ -329,8 +364,10 @@ def gpu_marks(device: torch.device) -> list | None:
 
 
 def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, picker: TokenPicker,
-               emitter: Emitter, should_stop: Callable[[], bool] | None, cfg: SpeculativeConfig) -> dict:
-    """Speculative decoding loop; hidden [1, P, H] is the prefilled prompt's."""
+               emitter: Emitter, should_stop: Callable[[], bool] | None, cfg: SpeculativeConfig,
+               meter: "ExpertWindows | None" = None) -> dict:
+    """Speculative decoding loop; hidden [1, P, H] is the prefilled prompt's. meter: the expert windows
+    being measured (engine/expert_windows.py), whose bytes per pass the draft-length controller weighs."""
     static = cuda_graphs.wants_static(hidden.device) and not online_balancing(model)
     # Greedy without a repetition penalty, every choice is an argmax: on the static path they are taken on
     # the device, and the accepted tokens are the step's only host read.
@@ -369,6 +406,6 @@ def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, 
         done = commit(drafts[:accepted] + [bonus], tokens, picker, emitter)
         # drafts kept on the GPU leave the host before they are computed: time them there (done by now)
         draft_s = marks[0].elapsed_time(marks[1]) / 1000 if marks else t1 - t0
-        control.observe(k, accepted, time.perf_counter() - t0, draft_s)
+        control.observe(k, accepted, time.perf_counter() - t0, draft_s, meter.last_bytes() if meter else None)
         stats.record(k, accepted, draft_s, t2 - t0 - draft_s)
     return stats.as_dict()

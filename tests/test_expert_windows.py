@@ -65,10 +65,58 @@ def test_windows_match_the_choices_a_recorder_saw():
         rec.clear()
         with ExpertWindows(model) as meter:
             model(tokens[:, 10:14], 10)
+            verify_bytes = meter.last_bytes()
             model(tokens[:, 14:15], 14)
+            plain_bytes = meter.last_bytes()
     per = meter.bytes[0]
-    expected = 0
+    verify = plain = 0
     for j in range(len(rec.routers)):
         ids = rec.layer(j)[0]
-        expected += len(set(ids[:4].flatten().tolist())) + len(set(ids[4:5].flatten().tolist()))
-    assert meter.summary(tokens=5)["expert_bytes_per_step"] == expected * per / 2
+        verify += len(set(ids[:4].flatten().tolist()))
+        plain += len(set(ids[4:5].flatten().tolist()))
+    assert verify_bytes == verify * per and plain_bytes == plain * per
+    assert meter.summary(tokens=5)["expert_bytes_per_step"] == (verify + plain) * per / 2
+
+
+def test_the_draft_length_follows_the_expected_union_where_bytes_set_the_cost():
+    """A controller fed steps whose time is 1 ms plus 1 ns per expert byte (a bandwidth-bound model):
+    it learns the price of a byte from the spread of windows at equal k, and picks shorter drafts when
+    the recent windows read more experts than their average, longer ones when they read fewer."""
+    import random
+
+    from engine.speculative import DraftLength
+
+    rng = random.Random(0)
+    per_k = {0: 2e6, 1: 3.4e6, 2: 4.6e6, 3: 5.6e6, 4: 6.4e6}  # union bytes of a window with k drafts
+
+    def trained(ratio: float) -> DraftLength:
+        c = DraftLength(SpeculativeConfig(k="auto", k_max=4))
+        for step in range(400):
+            k = step % 5
+            spread = 1.0 + rng.uniform(-0.2, 0.2)
+            b = per_k[k] * spread * (ratio if step >= 380 else 1.0)
+            accepted = next((j for j in range(k) if rng.random() > 0.8), k)
+            c.observe(k, accepted, 1e-3 + 1e-9 * b, 0.2e-3 * k, b)
+        return c
+
+    even, coherent, scattered = trained(1.0), trained(0.6), trained(1.6)
+    assert 0.5e-9 < even.seconds_per_byte < 2e-9
+    assert abs(even.union_cost(3)) < 0.3e-3
+    assert coherent.union_cost(3) < 0 < scattered.union_cost(3)
+    assert coherent.best_k(4) >= even.best_k(4) >= scattered.best_k(4)
+    assert coherent.best_k(4) > scattered.best_k(4)
+
+
+def test_the_draft_length_ignores_bytes_that_do_not_move_the_time():
+    """Step times that do not depend on the union (a model in cache): the fitted price stays near 0."""
+    import random
+
+    from engine.speculative import DraftLength
+
+    rng = random.Random(1)
+    c = DraftLength(SpeculativeConfig(k="auto", k_max=3))
+    for step in range(300):
+        k = step % 4
+        c.observe(k, k, 1e-3 * (1 + 0.3 * k) * (1 + rng.uniform(-0.05, 0.05)), 1e-4 * k,
+                  1e6 * (k + 1) * (1 + rng.uniform(-0.3, 0.3)))
+    assert c.seconds_per_byte * 1e6 < 0.05e-3  # under 5% of a step per MB of union
