@@ -125,11 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
                              ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:
         r.add_argument(f"--{name}", type=kind, default=None, help=what or None)
 
+    ur = sub.add_parser("union-replay", help="what a lower expert union buys where experts stream from memory: "
+                                             "both models' verification traces replayed on V2-Lite-shaped experts")
+    ur.add_argument("--before", default=None, help="model folder before the change; default: the bundled model")
+    ur.add_argument("--after", required=True, help="model folder after it")
+    ur.add_argument("--k", type=int, default=3, help="drafts per verification")
+    ur.add_argument("--max-tokens", type=int, default=128)
+    ur.add_argument("--layers", type=int, default=4, help="target MoE layers (415 MiB of experts each)")
+    ur.add_argument("--threads", type=int, default=None)
+    ur.add_argument("--json", dest="json_out", default=None)
+
     rr = sub.add_parser("routing-report", help="a routing change judged before vs after on held-out text "
                                                "(perplexity, routing statistics, MTP acceptance, bench speedups)")
     rr.add_argument("--before", default=None, help="model folder before the change; default: the bundled model")
     rr.add_argument("--after", required=True, help="model folder after it (e.g. engine tune-routing's --out)")
-    rr.add_argument("--text-file", required=True, help="held-out text")
+    rr.add_argument("--text-file", required=True, action="append",
+                    help="held-out documents: files or folders of .txt files (repeat; ≥ 16 for the batch-wise load)")
     rr.add_argument("--window", type=int, default=512, help="tokens scored per forward pass")
     rr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     rr.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
@@ -415,11 +426,30 @@ def cmd_routing_report(args) -> int:
     def progress(done, total):
         print(f"\rbench: {done}/{total} runs", end="", file=sys.stderr, flush=True)
 
-    r = report(before, after, Path(args.text_file).read_text(encoding="utf-8"), args.window, ks,
+    r = report(before, after, [f.read_text(encoding="utf-8") for f in text_files(args.text_file)], args.window, ks,
                args.max_tokens, args.repeat, args.bench, progress)
     if args.bench:
         print(file=sys.stderr)
     print(format_report(r))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(r, indent=1))
+    return 0
+
+
+def cmd_union_replay(args) -> int:
+    import torch
+
+    from engine.pretrained import BUNDLED_MODEL, load_pretrained
+    from engine.union_replay import format_replay, replay, trace
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    traces = {}
+    for name, folder in (("before", args.before or BUNDLED_MODEL), ("after", args.after)):
+        traces[name] = trace(load_pretrained(folder, device="cpu", dtype="float32"), args.k, args.max_tokens)
+        print(f"{name}: {len(traces[name]['passes'])} verification passes traced", file=sys.stderr)
+    r = replay(traces, args.layers)
+    print(format_replay(r))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(r, indent=1))
     return 0
@@ -481,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"generate": cmd_generate, "eval": cmd_eval, "bench": cmd_bench,
                 "train-default": cmd_train_default, "init-tiny": cmd_init_tiny,
                 "quantize": cmd_quantize, "tune-routing": cmd_tune_routing,
-                "export-gguf": cmd_export_gguf, "routing-report": cmd_routing_report}[args.command](args)
+                "export-gguf": cmd_export_gguf, "routing-report": cmd_routing_report,
+                "union-replay": cmd_union_replay}[args.command](args)
     except (ModelLoadError, ChatTemplateError, ValueError, FileNotFoundError) as e:
         # A bad file or argument is the user's to fix: one clear line, no traceback.
         print(f"error: {e}", file=sys.stderr)

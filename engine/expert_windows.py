@@ -48,14 +48,19 @@ class ExpertWindows:
         self.recorded: list[list[torch.Tensor]] = [[] for _ in layers]
 
     def __enter__(self) -> "ExpertWindows":
-        for r in self.routers:
-            r.windows = []
+        # Nested meters share the routers' lists: each keeps what was appended while it was open.
+        self.owner = [r.windows is None for r in self.routers]
+        for r, own in zip(self.routers, self.owner):
+            if own:
+                r.windows = []
+        self.start = [len(r.windows) for r in self.routers]
         return self
 
     def __exit__(self, *exc) -> None:
-        self.recorded = [r.windows or [] for r in self.routers]
-        for r in self.routers:
-            r.windows = None
+        self.recorded = [r.windows[a:] for r, a in zip(self.routers, self.start)]
+        for r, own in zip(self.routers, self.owner):
+            if own:
+                r.windows = None
 
     def last_bytes(self) -> float | None:
         """The newest pass's routed-expert bytes (None before any, or where passes go unmeasured)."""

@@ -232,3 +232,59 @@ def test_balance_scope_window_scores_each_window_load(tmp_path):
     assert torch.equal(parts["imbalance"][..., 0], parts["imbalance"][..., 1])  # the same for every chunk
     with pytest.raises(ValueError, match="balance-scope"):
         tune(src, tmp_path / "x", TuneSettings(steps=1, balance_scope="both"))
+
+
+def fp8_copy(src, out):
+    """src's checkpoint in DeepSeek's FP8 layout (e4m3 weights, weight_scale_inv per 128×128 block) for
+    every linear weight but the routers', norms, embedding and head."""
+    from safetensors.torch import load_file, save_file
+
+    from kernels.formats import quantize_fp8
+
+    out.mkdir()
+    state = {}
+    for name, w in load_file(src / "model.safetensors").items():
+        if w.dim() == 2 and not any(p in name for p in ("norm", "embed", "lm_head", "mlp.gate.weight", "eh_proj")):
+            q = quantize_fp8(w)
+            state[name], state[name + "_scale_inv"] = q.qweight, q.scale
+        else:
+            state[name] = w
+    save_file(state, str(out / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (out / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / f).is_file():
+            (out / f).write_bytes((src / f).read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8", "v2-softmax"])
+def test_tune_routing_runs_on_other_deepseek_checkpoints(kind, tmp_path):
+    """Not only the bundled model: an int4 checkpoint (compressed-tensors), DeepSeek's FP8 layout and a
+    DeepSeek-V2 model (softmax router, no bias) tune, resume and load; only router tensors change."""
+    from engine.__main__ import main
+    from engine.model.checkpoint import load_model
+
+    over = {"model_type": "deepseek_v2", "scoring_func": "softmax", "topk_method": "group_limited_greedy",
+            "norm_topk_prob": False, "routed_scaling_factor": 1.0} if kind == "v2-softmax" else {}
+    src = write_tiny_model(tmp_path / "src", seed=2, **over)
+    if kind == "int4":
+        assert main(["quantize", "--model", str(src), "--to", "int4", "--out", str(tmp_path / "q")]) == 0
+        src = tmp_path / "q"
+    elif kind == "fp8":
+        src = fp8_copy(src, tmp_path / "q")
+    text = tmp_path / "text.txt"
+    text.write_text(inspect.getsource(textwrap))
+    out = tmp_path / "tuned"
+    args = ["tune-routing", "--model", str(src), "--data", str(text), "--out", str(out), "--group-size", "4",
+            "--batch", "2", "--seq-len", "32", "--chunk", "16", "--checkpoint-every", "1", "--calibrate-windows", "2",
+            "--calibrate-len", "32", "--lr", "0.05"]
+    assert main(args + ["--steps", "1"]) == 0
+    assert main(args + ["--steps", "2"]) == 0  # resumes at step 1
+    assert [json.loads(x)["step"] for x in (out / "tune_log.jsonl").read_text().splitlines()] == [1, 2]
+    changed = check_only_routers_differ(src, out)
+    assert any(k.endswith("mlp.gate.weight") for k in changed)
+    model = load_model(out)
+    assert model.logits(model(torch.arange(2, 10)[None])).isfinite().all()

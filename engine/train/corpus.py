@@ -148,3 +148,22 @@ def build_corpus() -> Corpus:
             (corpus.held_out if held else corpus.train).append(f"# {dotted}\n{source}")
             (corpus.held_out_chats if held else corpus.train_chats).extend(chats_for(dotted, tree))
     return corpus
+
+
+def split_documents(texts: list[str], min_chars: int = 3000) -> list[str]:
+    """Source files cut at top-level `def`/`class` lines into pieces of at least min_chars (the last piece
+    of a file may be shorter): the many documents a batch-wise balance measurement draws one window from
+    each of (engine/routing_stats.py), where the held-out set has only a few files."""
+    out = []
+    for text in texts:
+        piece: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            if size >= min_chars and line.startswith(("def ", "class ", "async def ")):
+                out.append("".join(piece))
+                piece, size = [], 0
+            piece.append(line)
+            size += len(line)
+        if piece:
+            out.append("".join(piece))
+    return out
