@@ -130,12 +130,25 @@ class Hello(Message):
 @dataclass
 class Load(Message):
     type: ClassVar[str] = "load"
-    path: str
-    backend: str = field(default="native", metadata=choice("native", "llamacpp"))
+    path: str | None = None  # a model folder or .gguf (native, llamacpp)
+    backend: str = field(default="native", metadata=choice("native", "llamacpp", "remote"))
     quant: str | None = field(default=None, metadata=choice(None, "int8", "int4"))
     device: str | None = field(default=None, metadata=choice(None, "cpu", "cuda"))
     dtype: str | None = field(default=None, metadata=choice(None, "float32", "bfloat16", "float16"))
     draft: str | None = None
+    # remote: an OpenAI-compatible server's base URL, the model to use (None: its first), the environment
+    # variable holding the API key (the key itself never travels in the protocol), and whether plain
+    # http to another machine was confirmed by the user.
+    url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    allow_insecure: bool = False
+
+    def validate(self) -> None:
+        if self.backend == "remote" and not self.url:
+            raise ProtocolError("bad_request", "load.url is required for the remote backend")
+        if self.backend != "remote" and not self.path:
+            raise ProtocolError("bad_request", "load.path is required")
 
 
 @dataclass

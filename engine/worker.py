@@ -30,7 +30,13 @@ def llamacpp_backend() -> Backend:
     return LlamaCppBackend()
 
 
-BACKENDS: dict[str, Callable[[], Backend]] = {"native": native_backend, "llamacpp": llamacpp_backend}
+def remote_backend() -> Backend:
+    from engine.backends.remote import RemoteBackend  # imports httpx: only when a server is connected
+    return RemoteBackend()
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {"native": native_backend, "llamacpp": llamacpp_backend,
+                                              "remote": remote_backend}
 
 
 def is_out_of_memory(e: BaseException) -> bool:
