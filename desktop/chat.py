@@ -40,7 +40,17 @@ def auto_title(text: str, taken: list[str] = ()) -> str:
 
 
 def backend_for(path: str) -> str:
+    if is_server(path):
+        return "remote"
     return "llamacpp" if path.lower().endswith(".gguf") else "native"
+
+
+def is_server(path: str) -> bool:
+    """A model "path" that is an OpenAI-compatible server's URL (the remote backend)."""
+    return path.lower().startswith(("http://", "https://"))
+
+
+RECENT_SERVERS = 8
 
 
 def generated_tokens(stats: dict) -> int:
@@ -49,6 +59,8 @@ def generated_tokens(stats: dict) -> int:
 
 
 def model_name(path: str) -> str:
+    if is_server(path):
+        return path.split("//", 1)[1].split("/", 1)[0]  # host:port
     return path.rstrip("/\\").replace("\\", "/").split("/")[-1] or path
 
 
@@ -222,11 +234,32 @@ class ChatSession(QObject):
         # then fails only that mode's load, and switching speculation off loads the model alone.
         wants_draft = backend == "llamacpp" and self.settings.speculative == "draft"
         draft = (self.settings.draft_model or None) if wants_draft else None
-        if not self.worker.send(Load(path=path, backend=backend, quant=quant, draft=draft)):
+        if backend == "remote":  # the server's settings as last connected; the key stays in its variable
+            server = next((x for x in self.recent_servers() if x["url"] == path), {"url": path})
+            request = Load(backend="remote", url=path, model=server.get("model"),
+                           api_key_env=server.get("api_key_env"), allow_insecure=bool(server.get("allow_insecure")))
+        else:
+            request = Load(path=path, backend=backend, quant=quant, draft=draft)
+        if not self.worker.send(request):
             self.sig_notice.emit("error", "The model worker is not running.")
             return
         self.loading = path
         self.emit_status()
+
+    def recent_servers(self) -> list[dict]:
+        """Servers connected to before, newest first: url, model, api_key_env (a variable's name, never
+        a key), allow_insecure."""
+        return list(self.store.get_setting("recent_servers") or [])
+
+    def connect_server(self, url: str, model: str | None = None, api_key_env: str | None = None,
+                       allow_insecure: bool = False) -> None:
+        """Use the model `model` (None: the server's first) of an OpenAI-compatible server at `url`."""
+        url = url.strip().rstrip("/")
+        entry = {"url": url, "model": model or None, "api_key_env": api_key_env or None,
+                 "allow_insecure": allow_insecure}
+        rest = [x for x in self.recent_servers() if x["url"] != url]
+        self.store.set_setting("recent_servers", [entry] + rest[:RECENT_SERVERS - 1])
+        self.load_model(url)
 
     def restart_worker(self) -> None:
         self.model, self.loading = None, None

@@ -10,14 +10,14 @@ from datetime import datetime
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QActionGroup, QKeySequence
-from PySide6.QtWidgets import (QApplication, QDockWidget, QFileDialog, QFrame, QHBoxLayout, QInputDialog, QLabel,
+from PySide6.QtWidgets import (QApplication, QDialog, QDockWidget, QFileDialog, QFrame, QHBoxLayout, QInputDialog, QLabel,
                                QMainWindow, QMenu, QMessageBox, QProgressBar, QPushButton, QSplitter, QTabWidget,
                                QVBoxLayout, QWidget)
 
 from desktop.chat import BUNDLED_MODEL, ChatSession, model_name
 from desktop.chat_view import ChatView, Composer
 from desktop.compare_view import CompareDialog, HistoryDialog
-from desktop.panels import OPEN_FOLDER, OPEN_GGUF, ExpertLoadView, SettingsPanel, Sidebar
+from desktop.panels import OPEN_FOLDER, OPEN_GGUF, ExpertLoadView, ServerDialog, SettingsPanel, Sidebar
 from desktop.store import documents_dir, export_filename
 from desktop.theme import THEMES, apply_theme, is_dark
 
@@ -167,6 +167,7 @@ class MainWindow(QMainWindow):
         self.action(model, "Open model &folder…", lambda: self.choose_model(OPEN_FOLDER), "Ctrl+Shift+O")
         self.action(model, "Open .&gguf file…", lambda: self.choose_model(OPEN_GGUF), QKeySequence.Open)
         self.action(model, "&Bundled model", lambda: self.choose_model(str(BUNDLED_MODEL)))
+        self.action(model, "Connect to a &server…", self.connect_server, "Ctrl+Shift+S")
         model.addSeparator()
         self.action(model, "&Restart worker", self.restart_worker)
         chat = bar.addMenu("&Chat")
@@ -292,6 +293,8 @@ class MainWindow(QMainWindow):
         draft = f" · draft {info['draft']}" if info.get("draft") else ""
         params = f" · {info['parameters'] / 1e6:.1f}M params" if info.get("parameters") else ""
         where = " · ".join(str(info[k]) for k in ("device", "dtype") if info.get(k))
+        if info.get("backend") == "remote":  # the server and the round trip measured when connecting
+            where = model_name(info["url"]) + (f" · {info['latency_ms']:.0f} ms" if info.get("latency_ms") is not None else "")
         self.model_label.setText(f"{info['name']} · {info['backend']}" + (f" · {where}" if where else "")
                                  + f"{quant}{mtp}{draft}{params}" + (f" · {mem / 2**20:.0f} MiB" if mem else ""))
         self.model_label.setToolTip(info.get("path") or info["name"])
@@ -326,6 +329,13 @@ class MainWindow(QMainWindow):
             self.refresh_models()
             return
         self.session.load_model(path)
+
+    def connect_server(self) -> None:
+        dialog = ServerDialog(self.session.recent_servers(), self)
+        if dialog.exec() == QDialog.Accepted and dialog.chosen()["url"]:
+            self.session.connect_server(**dialog.chosen())
+        else:
+            self.refresh_models()
 
     def choose_draft(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Choose a draft model (same vocabulary, smaller)", "",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QPainter
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLineEdit,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLineEdit,
                                QListWidget, QListWidgetItem, QPlainTextEdit, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
 
@@ -233,3 +233,48 @@ class ExpertLoadView(QWidget):
                 shade = int(255 * v / peak)
                 p.fillRect(QRectF(left + j * cw, top + i * ch, cw - 1, ch - 1), QColor(255 - shade // 2, 240 - shade, 255 - shade // 3))
         p.end()
+
+
+class ServerDialog(QDialog):
+    """Model → Connect to a server…: an OpenAI-compatible server's URL (recent ones offered), the model
+    (empty: the server's first) and the environment variable holding its API key. Plain http to
+    another machine needs the box ticked. It only collects the choice: `chosen()` after exec()."""
+
+    def __init__(self, recent: list[dict], parent=None):
+        super().__init__(parent)
+        self.setWindowTitle("Connect to a server")
+        self.recent = recent
+        self.url = QComboBox()
+        self.url.setEditable(True)
+        self.url.addItems([r["url"] for r in recent] or ["http://127.0.0.1:8000/v1"])
+        self.url.setAccessibleName("server URL")
+        self.model = QLineEdit()
+        self.model.setPlaceholderText("the server's first model")
+        self.key_env = QLineEdit()
+        self.key_env.setPlaceholderText("none (e.g. OPENAI_API_KEY)")
+        self.key_env.setToolTip("The name of an environment variable holding the API key: moedesk reads the key "
+                                "from it when connecting and never stores it")
+        self.insecure = QCheckBox("Allow plain http to another machine (the conversation travels unencrypted)")
+        form = QFormLayout(self)
+        form.addRow("Server URL", self.url)
+        form.addRow("Model", self.model)
+        form.addRow("API key variable", self.key_env)
+        form.addRow(self.insecure)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        buttons.button(QDialogButtonBox.Ok).setText("Connect")
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+        self.url.currentTextChanged.connect(self.fill_from_recent)
+        self.fill_from_recent(self.url.currentText())
+
+    def fill_from_recent(self, url: str) -> None:
+        known = next((r for r in self.recent if r["url"] == url), None)
+        if known:
+            self.model.setText(known.get("model") or "")
+            self.key_env.setText(known.get("api_key_env") or "")
+            self.insecure.setChecked(bool(known.get("allow_insecure")))
+
+    def chosen(self) -> dict:
+        return {"url": self.url.currentText().strip(), "model": self.model.text().strip() or None,
+                "api_key_env": self.key_env.text().strip() or None, "allow_insecure": self.insecure.isChecked()}

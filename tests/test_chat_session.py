@@ -1,6 +1,7 @@
 """ChatSession and the window's state logic against a scripted worker: no model, no worker process."""
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 
@@ -294,3 +295,29 @@ def test_dark_theme_is_legible(window, qapp):
         assert "#5a2a30" in window.banner.styleSheet()
     finally:
         assert not apply_theme(qapp, "light")
+
+
+def test_connecting_to_a_server_remembers_it_without_its_key(session, monkeypatch):
+    """Model → Connect to a server…: a remote load with the URL, model and key variable; the server is
+    remembered (newest first, never the key), reconnects with the same settings, and a failed connection
+    keeps the loaded model."""
+    loaded(session)
+    monkeypatch.setenv("MOEDESK_TEST_KEY", "sesame")
+    session.connect_server("http://10.0.0.5:8000/v1/", model="deepseek-v3", api_key_env="MOEDESK_TEST_KEY",
+                           allow_insecure=True)
+    req = session.worker.sent[-1]
+    assert (req.backend, req.url, req.model, req.api_key_env, req.allow_insecure, req.path) == \
+        ("remote", "http://10.0.0.5:8000/v1", "deepseek-v3", "MOEDESK_TEST_KEY", True, None)
+    assert session.status_text() == "loading 10.0.0.5:8000…"
+    session.worker.play(Error(code="connection_refused", message="cannot connect"))
+    assert session.model["name"] == "mini" and "stays loaded" in session.notices[-1][1]
+    session.connect_server("http://127.0.0.1:8080/v1")
+    session.worker.play(Loaded(model={"name": "tiny", "backend": "remote", "url": "http://127.0.0.1:8080/v1",
+                                      "models": ["tiny"], "latency_ms": 2.0, "speculative_modes": ["off"]}))
+    assert session.model_path == "http://127.0.0.1:8080/v1" and session.chat_mode() == "off"
+    assert [x["url"] for x in session.recent_servers()] == ["http://127.0.0.1:8080/v1", "http://10.0.0.5:8000/v1"]
+    stored = json.dumps([session.store.get_setting(k) for k in ("recent_servers", "recent_models", "last_model")])
+    assert "sesame" not in stored and "MOEDESK_TEST_KEY" in stored
+    session.load_model("http://10.0.0.5:8000/v1")  # from the picker: the remembered settings
+    req = session.worker.sent[-1]
+    assert (req.model, req.api_key_env, req.allow_insecure) == ("deepseek-v3", "MOEDESK_TEST_KEY", True)
