@@ -7,6 +7,7 @@ The crash text (exit status and the worker's last stderr lines) is kept for the 
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from collections import deque
 
@@ -17,6 +18,10 @@ from engine.protocol import Error, Hello, Message, ProtocolError, parse_event
 
 HEARTBEAT_MS = 3000
 HEARTBEAT_MISSES = 4  # pings unanswered while the worker is alive: shown as unresponsive
+# The worker answers pings from its main thread while a job runs (decode steps, loads), so a worker
+# silent this long is hung, not busy: it is killed and reported like a crash. MOEDESK_WORKER_HUNG_S
+# overrides it (a machine slow enough that one step of a big model takes longer).
+HUNG_S = float(os.environ.get("MOEDESK_WORKER_HUNG_S", "30"))
 READ_MS = 15  # the worker's output is read at most this often
 
 
@@ -37,9 +42,9 @@ class WorkerClient(QObject):
     sig_died = Signal(str)
     """The worker exited unexpectedly or could not start; the text says why."""
 
-    def __init__(self, parent: QObject | None = None, python: str = sys.executable):
+    def __init__(self, parent: QObject | None = None, python: str = sys.executable, hung_after_s: float = HUNG_S):
         super().__init__(parent)
-        self.python = python
+        self.python, self.hung_after_s = python, hung_after_s
         self.proc: QProcess | None = None
         self.state = WorkerState.STOPPED
         self.crash_text = ""
@@ -114,8 +119,20 @@ class WorkerClient(QObject):
 
     def _ping(self) -> None:
         if self.state in (WorkerState.READY, WorkerState.BUSY) and self.proc is not None:
+            if self._missed * self.heartbeat.interval() >= self.hung_after_s * 1000:
+                return self._hung()
             self._missed += 1
             self.proc.write(b'{"type": "ping"}\n')
+
+    def _hung(self) -> None:
+        """Unanswered pings for hung_after_s: the worker is killed and reported like a crash, so the GUI
+        keeps the partial reply and offers a restart."""
+        self.heartbeat.stop()
+        self._expect_exit = True  # its exit is ours, not a second crash report
+        seconds = self._missed * self.heartbeat.interval() / 1000
+        if self.proc is not None:
+            self.proc.kill()
+        self._died(f"The model worker stopped answering for {seconds:.0f} s (hung) and was stopped.")
 
     # ---- process output ----
 

@@ -67,9 +67,18 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
+def is_text(s: str) -> bool:
+    """Whether s can travel as UTF-8: JSON's \\ud800-style escapes decode to lone surrogates, which cannot."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _id_of(d: dict) -> str | None:
     i = d.get("id")
-    return i if isinstance(i, str) else None
+    return i if isinstance(i, str) and is_text(i) else None  # an id that cannot be echoed back is not one
 
 
 def _convert(value: Any, hint, where: str, d: dict) -> Any:
@@ -113,6 +122,10 @@ def _convert(value: Any, hint, where: str, d: dict) -> Any:
     if hint is str:
         if not isinstance(value, str):
             raise ProtocolError("bad_request", f"{where} must be a string", _id_of(d))
+        if not is_text(value):
+            raise ProtocolError("invalid_request", f"{where} is not valid text: it holds a lone UTF-16 surrogate "
+                                                   "(an escape like \\ud800 with no pair), which UTF-8 cannot carry",
+                                _id_of(d))
         return value
     if hint is Any:
         return value

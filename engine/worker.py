@@ -8,6 +8,7 @@ so does anything a library prints: stdout carries protocol lines only.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -16,8 +17,11 @@ from typing import Callable, TextIO
 
 from engine.backends.base import Backend, BackendError
 from engine.protocol import (PROTOCOL_VERSION, Cancel, Done, Error, Generate, Hello, Load, Loaded, Message, Ping,
-                             Pong, Progress, ProtocolError, Ready, Shutdown, Token, Unload, Unloaded,
+                             Pong, Progress, ProtocolError, Ready, Shutdown, Token, Unload, Unloaded, is_text,
                              parse_request)
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what UTF-8 cannot carry in a str
 
 
 def native_backend() -> Backend:
@@ -63,7 +67,11 @@ class Worker:
     # ---- output ----
 
     def emit(self, event: Message) -> None:
+        """Write one event line. It cannot fail on content: text that UTF-8 cannot carry (a lone surrogate
+        from a backend or an echoed field) goes out as U+FFFD. Only a closed pipe stops the output."""
         line = event.to_json() + "\n"
+        if not is_text(line):
+            line = LONE_SURROGATE.sub("\ufffd", line)
         with self.write_lock:
             if self.closed:
                 return

@@ -225,3 +225,24 @@ def test_gguf_model_chats_with_a_draft_model_and_compares(qtbot, tmp_path, monke
     result = blocker.args[0]
     assert result["on"]["mode"] == "draft" and result["identical"]
     session.worker.stop()
+
+
+def test_a_hung_worker_is_reported_like_a_crash_with_the_reply_kept(qtbot, app_window):
+    """The client's watchdog: a worker that answers no ping for hung_after_s (stopped here with SIGSTOP
+    mid-reply, as a deadlock would leave it) is killed and reported; the partial reply is kept as
+    interrupted and Restart brings a working worker back."""
+    window, session, store = app_window
+    worker = session.worker
+    worker.hung_after_s = 1.0
+    worker.heartbeat.setInterval(200)
+    send(qtbot, window, session, "Keep going", max_tokens=1500)
+    qtbot.waitUntil(lambda: session.stream is not None and len(session.stream.text) > 5, timeout=30000)
+    with qtbot.waitSignal(worker.sig_died, timeout=10000) as died:
+        os.kill(worker.pid(), signal.SIGSTOP)
+    assert "stopped answering" in died.args[0] and "hung" in died.args[0]
+    reply = session.thread()[-1]
+    assert reply["status"] == "interrupted" and reply["content"]
+    assert window.banner.isVisible() and window.banner.restart.isVisible()
+    with qtbot.waitSignal(session.sig_model, timeout=60000, check_params_cb=lambda m: m is not None):
+        window.banner.restart.click()
+    assert worker.state == WorkerState.READY

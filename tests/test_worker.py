@@ -266,7 +266,7 @@ def check_line(line: str) -> None:
     try:
         req = parse_request(line)
     except ProtocolError as e:
-        assert e.code in ("bad_json", "unknown_type", "bad_request") and e.message
+        assert e.code in ("bad_json", "unknown_type", "bad_request", "invalid_request") and e.message
         return
     assert req.type in REQUESTS
     assert parse_request(req.to_json()) == req  # a valid request round-trips
