@@ -116,6 +116,10 @@ class Tokenizer:
             raise
         except TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from e
+        except (OverflowError, RecursionError, MemoryError, ValueError, TypeError, KeyError, IndexError) as e:
+            # A template is untrusted code in the sandbox: its runtime failures (a range the sandbox caps,
+            # runaway recursion) are the template's fault, reported as such.
+            raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
 
     def encode_chat(self, messages: list[dict], continue_final_message: bool = False) -> list[int]:
         """The rendered template carries its own bos/special tokens, so none are added on top."""

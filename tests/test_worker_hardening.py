@@ -177,3 +177,104 @@ def test_fuzz_a_worker_with_the_llamacpp_backend_loaded(llama_worker, line):
 
 def test_a_valid_request_still_parses_after_the_surrogate_check():
     assert parse_request(Generate(id="é😀", messages=[ChatMessage(role="user", content="naïve \u00e9 😀")]).to_json())
+
+
+# ---- load faults ----
+
+def faulty_models(tmp) -> list[tuple[str, object, str | None]]:
+    """(what, Load request or a Generate after loading it, the error code expected or None: any clear one)."""
+    import shutil
+    import struct
+
+    from gguf_fixtures import exported_tiny
+
+    src, gguf = exported_tiny(tmp, "f32")
+    cases = []
+
+    def copy(name, edit):
+        d = tmp / name
+        shutil.copytree(src, d)
+        edit(d)
+        return d
+
+    def truncate(d):
+        f = d / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+
+    def huge_header(d):  # the 8-byte header length claims ~1 TB
+        f = d / "model.safetensors"
+        f.write_bytes(struct.pack("<Q", 10**12) + f.read_bytes()[8:])
+
+    def absurd_config(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["hidden_size"] = 10**9
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    def garbage_tokenizer(d):
+        (d / "tokenizer.json").write_bytes(b"\x00\x01 not json {{{" * 100)
+
+    def template(text):
+        def edit(d):
+            cfg = json.loads((d / "tokenizer_config.json").read_text())
+            cfg["chat_template"] = text
+            (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        return edit
+
+    for name, edit in (("truncated", truncate), ("huge-header", huge_header), ("absurd-config", absurd_config),
+                       ("garbage-tokenizer", garbage_tokenizer)):
+        cases.append((name, Load(path=str(copy(name, edit))), None))
+    for name, text in (("looping-template", "{% for x in range(10**9) %}x{% endfor %}"),
+                       ("escaping-template", "{{ ''.__class__.__mro__[1].__subclasses__() }}")):
+        cases.append((name, Load(path=str(copy(name, template(text)))), "template"))
+    whole = gguf.read_bytes()
+    for cut in (16, 300, len(whole) // 2, len(whole) - 100):
+        f = tmp / f"cut-{cut}.gguf"
+        f.write_bytes(whole[:cut])
+        cases.append((f"gguf cut at {cut}", Load(path=str(f), backend="llamacpp"), None))
+    rng = __import__("random").Random(0)
+    for i in range(4):  # bytes flipped inside the metadata (after the 24-byte header, before the tensors)
+        data = bytearray(whole)
+        for _ in range(8):
+            data[rng.randrange(24, 4096)] ^= 0xFF
+        f = tmp / f"flipped-{i}.gguf"
+        f.write_bytes(bytes(data))
+        cases.append((f"gguf flipped {i}", Load(path=str(f), backend="llamacpp"), None))
+    return cases
+
+
+def test_load_faults_are_clear_errors_and_the_loaded_model_keeps_serving(tmp_path):
+    """Each faulty file is refused with a clear error (or, for chat templates, its first reply is), the
+    worker answers a ping after it, and the model loaded before serves the same reply as before."""
+    pytest.importorskip("llama_cpp")
+    c = WorkerClient(env=dict(__import__("os").environ, MOEDESK_LLAMA_THREADS="1"))
+    probe = Generate(id="p", messages=[ChatMessage(role="user", content="def f():")], params=GenerateParams(max_tokens=8))
+    try:
+        c.start()
+        c.send(Load(path="assets/models/moedesk-mini"))
+        assert c.wait_for("loaded", timeout=120).type == "loaded"
+        c.send(probe)
+        reference = c.wait_for("done", timeout=60).text
+        for what, request, code in faulty_models(tmp_path):
+            c.send(request)
+            event = c.wait_for("loaded", timeout=120)
+            if code == "template":  # loads (the template is only rendered for a reply), and the reply is refused
+                assert event.type == "loaded", (what, event)
+                c.send(probe)
+                seen = []
+                while not seen or seen[-1].type != "done":
+                    c.wait_for("done", timeout=60, collect=seen)
+                errors = [e for e in seen if e.type == "error"]
+                assert errors and errors[0].code == "bad_request" and "chat template" in errors[0].message, (what, seen)
+                assert seen[-1].finish_reason == "error"
+                c.send(Load(path="assets/models/moedesk-mini"))
+                assert c.wait_for("loaded", timeout=120).type == "loaded"
+            else:
+                assert event.type == "error" and event.code != "worker_died" and event.message, (what, event)
+                assert "Traceback" not in event.message
+            c.send('{"type":"ping"}')
+            assert c.wait_for("pong", timeout=10).type == "pong", what
+            c.send(probe)
+            done = c.wait_for("done", timeout=60)
+            assert done.type == "done" and done.text == reference, (what, done)
+    finally:
+        c.close()
