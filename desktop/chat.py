@@ -51,6 +51,7 @@ def is_server(path: str) -> bool:
 
 
 RECENT_SERVERS = 8
+KEYRING_SERVICE = "moedesk"  # as engine/backends/remote.py reads it: user name = the server's URL
 
 
 def generated_tokens(stats: dict) -> int:
@@ -237,7 +238,8 @@ class ChatSession(QObject):
         if backend == "remote":  # the server's settings as last connected; the key stays in its variable
             server = next((x for x in self.recent_servers() if x["url"] == path), {"url": path})
             request = Load(backend="remote", url=path, model=server.get("model"),
-                           api_key_env=server.get("api_key_env"), allow_insecure=bool(server.get("allow_insecure")))
+                           api_key_env=server.get("api_key_env"), api_key_keyring=bool(server.get("api_key_keyring")),
+                           allow_insecure=bool(server.get("allow_insecure")))
         else:
             request = Load(path=path, backend=backend, quant=quant, draft=draft)
         if not self.worker.send(request):
@@ -252,11 +254,20 @@ class ChatSession(QObject):
         return list(self.store.get_setting("recent_servers") or [])
 
     def connect_server(self, url: str, model: str | None = None, api_key_env: str | None = None,
-                       allow_insecure: bool = False) -> None:
-        """Use the model `model` (None: the server's first) of an OpenAI-compatible server at `url`."""
+                       allow_insecure: bool = False, api_key_keyring: bool = False, key: str | None = None) -> None:
+        """Use the model `model` (None: the server's first) of an OpenAI-compatible server at `url`. The API
+        key is read by the worker from the environment variable api_key_env, or from the OS keyring; a
+        `key` typed in now goes to the keyring (never to the database)."""
         url = url.strip().rstrip("/")
-        entry = {"url": url, "model": model or None, "api_key_env": api_key_env or None,
-                 "allow_insecure": allow_insecure}
+        if api_key_keyring and key:
+            try:
+                import keyring
+                keyring.set_password(KEYRING_SERVICE, url, key)
+            except Exception as e:  # noqa: BLE001 - no keyring backend, a locked keyring
+                self.sig_notice.emit("error", f"The API key could not be stored in the OS keyring: {e}")
+                return
+        entry = {"url": url, "model": model or None, "api_key_env": None if api_key_keyring else api_key_env or None,
+                 "api_key_keyring": api_key_keyring, "allow_insecure": allow_insecure}
         rest = [x for x in self.recent_servers() if x["url"] != url]
         self.store.set_setting("recent_servers", [entry] + rest[:RECENT_SERVERS - 1])
         self.load_model(url)

@@ -250,15 +250,23 @@ class ServerDialog(QDialog):
         self.url.setAccessibleName("server URL")
         self.model = QLineEdit()
         self.model.setPlaceholderText("the server's first model")
+        self.key_source = QComboBox()
+        self.key_source.addItems(["No key", "Environment variable", "OS keyring"])
         self.key_env = QLineEdit()
-        self.key_env.setPlaceholderText("none (e.g. OPENAI_API_KEY)")
+        self.key_env.setPlaceholderText("e.g. OPENAI_API_KEY")
         self.key_env.setToolTip("The name of an environment variable holding the API key: moedesk reads the key "
                                 "from it when connecting and never stores it")
+        self.key = QLineEdit()
+        self.key.setEchoMode(QLineEdit.Password)
+        self.key.setPlaceholderText("stored in the OS keyring; empty: the one stored before")
         self.insecure = QCheckBox("Allow plain http to another machine (the conversation travels unencrypted)")
         form = QFormLayout(self)
         form.addRow("Server URL", self.url)
         form.addRow("Model", self.model)
-        form.addRow("API key variable", self.key_env)
+        form.addRow("API key", self.key_source)
+        form.addRow("Variable", self.key_env)
+        form.addRow("Key", self.key)
+        self.key_source.currentIndexChanged.connect(self.show_key_fields)
         form.addRow(self.insecure)
         buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
         buttons.button(QDialogButtonBox.Ok).setText("Connect")
@@ -267,14 +275,23 @@ class ServerDialog(QDialog):
         form.addRow(buttons)
         self.url.currentTextChanged.connect(self.fill_from_recent)
         self.fill_from_recent(self.url.currentText())
+        self.show_key_fields()
+
+    def show_key_fields(self) -> None:
+        self.key_env.setEnabled(self.key_source.currentIndex() == 1)
+        self.key.setEnabled(self.key_source.currentIndex() == 2)
 
     def fill_from_recent(self, url: str) -> None:
         known = next((r for r in self.recent if r["url"] == url), None)
         if known:
             self.model.setText(known.get("model") or "")
             self.key_env.setText(known.get("api_key_env") or "")
+            self.key_source.setCurrentIndex(2 if known.get("api_key_keyring") else 1 if known.get("api_key_env") else 0)
             self.insecure.setChecked(bool(known.get("allow_insecure")))
 
     def chosen(self) -> dict:
+        source = self.key_source.currentIndex()
         return {"url": self.url.currentText().strip(), "model": self.model.text().strip() or None,
-                "api_key_env": self.key_env.text().strip() or None, "allow_insecure": self.insecure.isChecked()}
+                "api_key_env": (self.key_env.text().strip() or None) if source == 1 else None,
+                "api_key_keyring": source == 2, "key": (self.key.text() or None) if source == 2 else None,
+                "allow_insecure": self.insecure.isChecked()}

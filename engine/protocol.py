@@ -149,12 +149,13 @@ class Load(Message):
     device: str | None = field(default=None, metadata=choice(None, "cpu", "cuda"))
     dtype: str | None = field(default=None, metadata=choice(None, "float32", "bfloat16", "float16"))
     draft: str | None = None
-    # remote: an OpenAI-compatible server's base URL, the model to use (None: its first), the environment
-    # variable holding the API key (the key itself never travels in the protocol), and whether plain
-    # http to another machine was confirmed by the user.
+    # remote: an OpenAI-compatible server's base URL, the model to use (None: its first), where the API
+    # key is (an environment variable's name, or the OS keyring; the key itself never travels in the
+    # protocol), and whether plain http to another machine was confirmed by the user.
     url: str | None = None
     model: str | None = None
     api_key_env: str | None = None
+    api_key_keyring: bool = False  # the key is in the OS keyring under service "moedesk", user = url
     allow_insecure: bool = False
 
     def validate(self) -> None:

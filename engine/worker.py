@@ -217,8 +217,12 @@ class Worker:
 
     def serve(self, inp) -> int:
         for line in inp:
-            if not self.handle_line(line):
-                break
+            try:
+                if not self.handle_line(line):
+                    break
+            except Exception as e:  # noqa: BLE001 - a bug reached for by one line must not end the service
+                log("".join(traceback.format_exception(e)))
+                self.emit(Error(code="internal", message=f"internal error: {type(e).__name__}: {e}"))
         self.stop_job()  # stdin closed or shutdown: stop what runs, then exit
         return 0
 

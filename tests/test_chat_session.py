@@ -321,3 +321,16 @@ def test_connecting_to_a_server_remembers_it_without_its_key(session, monkeypatc
     session.load_model("http://10.0.0.5:8000/v1")  # from the picker: the remembered settings
     req = session.worker.sent[-1]
     assert (req.model, req.api_key_env, req.allow_insecure) == ("deepseek-v3", "MOEDESK_TEST_KEY", True)
+
+
+def test_a_key_typed_for_a_server_goes_to_the_os_keyring_only(session, monkeypatch):
+    import keyring
+
+    stored = {}
+    monkeypatch.setattr(keyring, "set_password", lambda service, user, key: stored.update({(service, user): key}))
+    loaded(session)
+    session.connect_server("https://gpu.example.org/v1", api_key_keyring=True, key="sesame")
+    req = session.worker.sent[-1]
+    assert req.api_key_keyring and req.api_key_env is None and "sesame" not in req.to_json()
+    assert stored == {("moedesk", "https://gpu.example.org/v1"): "sesame"}
+    assert "sesame" not in json.dumps(session.store.get_setting("recent_servers"))

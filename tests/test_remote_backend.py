@@ -221,3 +221,33 @@ def test_spec_counters_sum_labelled_series():
     text = ('# HELP x\nvllm:spec_decode_num_accepted_tokens_total{a="1"} 2\n'
             'vllm:spec_decode_num_accepted_tokens_total{a="2"} 3\nother_metric 5\n')
     assert spec_counters(text) == {"vllm:spec_decode_num_accepted_tokens_total": 5.0}
+
+
+class MemoryKeyring:
+    """A keyring backend in memory (keyring's KeyringBackend interface, the parts used)."""
+    priority = 1
+
+    def __init__(self):
+        self.store = {}
+
+    def get_password(self, service, user):
+        return self.store.get((service, user))
+
+    def set_password(self, service, user, password):
+        self.store[(service, user)] = password
+
+
+def test_api_key_from_the_os_keyring(scripted, monkeypatch):
+    import keyring
+
+    memory = MemoryKeyring()
+    monkeypatch.setattr(keyring, "get_password", memory.get_password)
+    monkeypatch.setattr(keyring, "set_password", memory.set_password)
+    url = f"{scripted}/key/v1"
+    with pytest.raises(BackendError) as e:
+        RemoteBackend().load(Load(backend="remote", url=url, api_key_keyring=True), QUIET)
+    assert e.value.code == "auth" and "keyring has no API key" in e.value.message
+    keyring.set_password(remote.KEYRING_SERVICE, url, "sesame")
+    b = RemoteBackend()
+    b.load(Load(backend="remote", url=url, api_key_keyring=True), QUIET)
+    assert b.generate(chat(), lambda t: None, lambda: False).text == "Hello world"

@@ -278,3 +278,18 @@ def test_load_faults_are_clear_errors_and_the_loaded_model_keeps_serving(tmp_pat
             assert done.type == "done" and done.text == reference, (what, done)
     finally:
         c.close()
+
+
+def test_a_bug_reached_by_one_line_is_an_internal_error_and_the_worker_goes_on(monkeypatch):
+    out = io.StringIO()
+    w = Worker(out, backends={"native": FakeBackend})
+    real = w.handle
+
+    def broken(req):
+        if req.type == "cancel":
+            raise RuntimeError("a bug")
+        return real(req)
+    monkeypatch.setattr(w, "handle", broken)
+    w.serve(io.BytesIO(b'{"type":"cancel","id":"a"}\n{"type":"ping"}\n'))
+    events = [parse_event(x) for x in out.getvalue().splitlines()]
+    assert [e.type for e in events] == ["error", "pong"] and events[0].code == "internal"

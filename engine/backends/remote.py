@@ -8,8 +8,8 @@ counted), and speculative acceptance where the server publishes counters on /met
 `vllm:spec_decode_*`, SGLang's `sglang:spec_*`): read before and after the request, the difference
 reported; a server without them says so (`speculative_metrics: null`).
 
-Security: the API key comes from an environment variable named in the request (never from the request
-itself, never stored or logged); plain http is refused for hosts other than loopback unless the request
+Security: the API key comes from an environment variable named in the request or from the OS keyring
+(never from the request itself, never stored by moedesk or logged); plain http is refused for hosts other than loopback unless the request
 says `allow_insecure`; https certificates are verified.
 """
 from __future__ import annotations
@@ -51,7 +51,20 @@ def check_url(url: str, allow_insecure: bool) -> str:
     return url.strip().rstrip("/")
 
 
-def api_key(env: str | None) -> str | None:
+KEYRING_SERVICE = "moedesk"  # keyring entries: service "moedesk", user name = the server's URL
+
+
+def api_key(env: str | None, use_keyring: bool = False, url: str = "") -> str | None:
+    """The key from the environment variable named `env`, or from the OS keyring; never from anywhere else."""
+    if use_keyring:
+        try:
+            import keyring
+            key = keyring.get_password(KEYRING_SERVICE, url)
+        except Exception as e:  # noqa: BLE001 - no keyring backend on this machine, a locked keyring
+            raise BackendError("auth", f"the OS keyring could not be read: {type(e).__name__}: {e}") from None
+        if not key:
+            raise BackendError("auth", f"the OS keyring has no API key for {url} (service {KEYRING_SERVICE!r})")
+        return key
     if env is None:
         return None
     key = os.environ.get(env)
@@ -128,7 +141,7 @@ class RemoteBackend(Backend):
         import httpx
 
         url = check_url(request.url or "", request.allow_insecure)
-        key = api_key(request.api_key_env)
+        key = api_key(request.api_key_env, request.api_key_keyring, url)
         progress("connecting", 0.1)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         client = httpx.Client(base_url=url, headers=headers, verify=True,
