@@ -469,7 +469,15 @@ class ChatSession(QObject):
             self.store.set_setting("recent_models", [self.model_path, *recent][:8])
             self.sig_model.emit(ev.model)
             self.emit_status()
+            runs = self.compare_runs
+            if runs is not None and runs.get("phase") == "loading":  # a comparison's second model is ready
+                runs["phase"] = None
+                runs["labels"][1] = f"{ev.model['name']} · {ev.model['backend']}"
+                runs["model"] = f"{runs['labels'][0]} vs {runs['labels'][1]}"
+                self.compare_next()
         elif isinstance(ev, Error) and ev.id is None and self.loading:
+            if self.compare_runs is not None and self.compare_runs.get("phase") == "loading":
+                self.compare_runs = None  # the model in use stays loaded: the comparison ends here
             failed, self.loading = self.loading, None
             still = f" {self.model['name']} stays loaded." if self.model else ""
             self.sig_notice.emit("error", f"Could not load {model_name(failed)}: {ev.message} ({ev.code}).{still}")
@@ -548,8 +556,33 @@ class ChatSession(QObject):
         self.compare_next()
         return True
 
+    def compare_models(self, other: str, prompt: str | None = None) -> bool:
+        """The prompt on the loaded model, then on `other` (a model folder, a .gguf or a server's URL), side
+        by side: `other` is loaded for its run (each with its own speculation setting) and the model in
+        use now is loaded back afterwards."""
+        if self.cannot_send() or not other or other == self.model_path:
+            return False
+        if prompt is None:
+            users = [m for m in self.thread() if m["role"] == "user"]
+            if not users:
+                return False
+            prompt = users[-1]["content"]
+        first = f"{self.model['name']} · {self.model['backend']}"
+        self.compare_runs = {"kind": "models", "prompt": prompt, "paths": [self.model_path, other],
+                             "labels": [first, model_name(other)], "model": f"{first} vs {model_name(other)}",
+                             "settings": vars(self.settings), "runs": {}}
+        self.compare_next()
+        return True
+
     def compare_next(self) -> None:
         run = "off" if "off" not in self.compare_runs["runs"] else "on"
+        if self.compare_runs.get("kind") == "models":  # each model with the speculation chosen for it
+            mode = self.chat_mode()
+            self.compare_runs["run"], self.compare_runs["mode"] = run, mode
+            history = [{"role": "user", "content": self.compare_runs["prompt"]}]
+            self.begin(Stream(request_id=f"compare-{run}-{time.monotonic_ns()}", message_id=None), history,
+                       self.settings.params(speculative=mode))
+            return
         mode = "off" if run == "off" else self.compare_runs["on_mode"]
         rid = f"compare-{mode}-{time.monotonic_ns()}"
         self.compare_runs["run"] = run
@@ -558,12 +591,21 @@ class ChatSession(QObject):
 
     def compare_step(self, stream: Stream, stats: dict) -> None:
         runs = self.compare_runs
-        mode = "off" if runs["run"] == "off" else runs["on_mode"]
+        across = runs.get("kind") == "models"
+        mode = runs["mode"] if across else "off" if runs["run"] == "off" else runs["on_mode"]
         runs["runs"][runs["run"]] = {"text": stream.text, "stats": stats, "timeline": stream.timeline, "mode": mode}
+        if across:
+            runs["runs"][runs["run"]]["label"] = runs["labels"][0 if runs["run"] == "off" else 1]
         if len(runs["runs"]) < 2:
-            self.compare_next()
+            if across:  # the second model loads; its `loaded` starts its run
+                runs["phase"] = "loading"
+                self.load_model(runs["paths"][1])
+            else:
+                self.compare_next()
             return
         self.compare_runs = None
+        if across:
+            self.load_model(runs["paths"][0])  # back to the model in use before the comparison
         off, on = runs["runs"]["off"], runs["runs"]["on"]
         cid = self.store.add_comparison(self.conversation_id, runs["prompt"], runs["model"], runs["settings"], off, on)
         self.sig_compare.emit(self.store.comparisons()[-1] | {"id": cid})

@@ -1,6 +1,8 @@
 """Speculation off vs on, side by side, with a tokens-over-time chart; and the history of speedups."""
 from __future__ import annotations
 
+from html import escape
+
 from PySide6.QtCharts import QChart, QChartView, QDateTimeAxis, QLineSeries, QScatterSeries, QValueAxis
 from PySide6.QtCore import QDateTime, QPointF, Qt
 from PySide6.QtGui import QPainter
@@ -58,19 +60,24 @@ class CompareDialog(QDialog):
         self.setWindowTitle("Speculation off vs on")
         self.resize(980, 640)
         off, on = result["off"], result["on"]
-        on_name = MODE_NAMES.get(on.get("mode", "mtp"), "Speculation on")  # comparisons before GGUF were MTP
+        across = "label" in on  # two models (or a model and a server) rather than speculation off and on
+        on_name = on["label"] if across else MODE_NAMES.get(on.get("mode", "mtp"), "Speculation on")
+        off_name = off["label"] if across else "Speculation off"
+        if across:
+            self.setWindowTitle("Two models, the same prompt")
         lay = QVBoxLayout(self)
         speed = result.get("speedup")
-        head = QLabel(f"<b>{result['model']}</b> — speedup with {on_name.lower()}: "
-                      f"<b>{speed:.2f}×</b>" if speed else f"<b>{result['model']}</b>")
+        what = f"{on_name} against {off_name}" if across else f"speedup with {on_name.lower()}"
+        head = QLabel(f"<b>{escape(result['model'])}</b> — {escape(what)}: <b>{speed:.2f}×</b>" if speed
+                      else f"<b>{escape(result['model'])}</b>")
         head.setAccessibleName("speedup")
         lay.addWidget(head)
-        same = QLabel("Identical text: yes" if result["identical"] else
+        same = QLabel("Identical text: yes" if result["identical"] else "Identical text: no" if across else
                       "Identical text: no (expected only with temperature > 0)")
         same.setObjectName("identicalLabel")
         lay.addWidget(same)
         grid = QGridLayout()
-        for col, (name, run) in enumerate((("Speculation off", off), (on_name, on))):
+        for col, (name, run) in enumerate(((off_name, off), (on_name, on))):
             grid.addWidget(QLabel(f"<b>{name}</b>"), 0, col)
             text = QTextBrowser()
             text.setPlainText(run["text"])  # shown as text, never HTML
@@ -78,7 +85,7 @@ class CompareDialog(QDialog):
             grid.addWidget(text, 1, col)
             grid.addWidget(QLabel(stats_line(run["stats"]) or "-"), 2, col)
         lay.addLayout(grid)
-        lay.addWidget(tokens_chart({"off": off.get("timeline", []), on_name: on.get("timeline", [])}))
+        lay.addWidget(tokens_chart({off_name if across else "off": off.get("timeline", []), on_name: on.get("timeline", [])}))
         close_button(self, lay)
 
 

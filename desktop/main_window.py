@@ -180,6 +180,7 @@ class MainWindow(QMainWindow):
         self.action(chat, "Searc&h", self.sidebar.search.setFocus, QKeySequence.Find)
         chat.addSeparator()
         self.action(chat, "Compare s&peed", self.compare, "Ctrl+Shift+C")
+        self.action(chat, "Compare with another &model…", self.compare_models)
         self.action(chat, "Comparison &history…", self.show_history)
         view = bar.addMenu("&View")
         toggle = self.dock.toggleViewAction()
@@ -453,6 +454,17 @@ class MainWindow(QMainWindow):
     def show_about(self) -> None:
         QMessageBox.about(self, "About moedesk", "moedesk — Mixture-of-Experts models, fast, offline.\n"
                           "The model runs in a separate worker process; chats stay on this computer.")
+
+    def compare_models(self) -> None:
+        """The last prompt on the loaded model and on another one (a recent model or server)."""
+        others = [p for p in self.session.store.get_setting("recent_models", []) if p != self.session.model_path]
+        if not others:
+            self.banner.show_notice("info", "Open or connect to another model first: it is compared from the recent ones.")
+            return
+        names = [f"{model_name(p)}  ({p})" for p in others]
+        choice, ok = QInputDialog.getItem(self, "Compare with another model", "The same prompt on:", names, 0, False)
+        if ok and not self.session.compare_models(others[names.index(choice)]):
+            self.banner.show_notice("info", self.session.cannot_send() or "Send a message first: its prompt is compared.")
 
     def show_compare(self, result: dict) -> None:
         CompareDialog(result, self).show()

@@ -334,3 +334,39 @@ def test_a_key_typed_for_a_server_goes_to_the_os_keyring_only(session, monkeypat
     assert req.api_key_keyring and req.api_key_env is None and "sesame" not in req.to_json()
     assert stored == {("moedesk", "https://gpu.example.org/v1"): "sesame"}
     assert "sesame" not in json.dumps(session.store.get_setting("recent_servers"))
+
+
+def test_compare_across_backends_loads_the_other_model_for_its_run_and_comes_back(session):
+    """Chat → Compare with another model…: the prompt on the local model, then the server loaded and the
+    same prompt on it, side by side in one stored comparison; then the local model is loaded back."""
+    loaded(session)
+    results = []
+    session.sig_compare.connect(results.append)
+    assert session.compare_models("http://127.0.0.1:8080/v1", prompt="Say hi")
+    first = session.worker.sent[-1]
+    assert first.type == "generate" and first.messages[-1].content == "Say hi"
+    session.worker.play(Token(id=first.id, text="local"))
+    session.worker.play(Done(id=first.id, finish_reason="stop", text="local", stats={"decode_tokens_per_s": 100.0}))
+    load = session.worker.sent[-1]
+    assert load.type == "load" and load.backend == "remote" and load.url == "http://127.0.0.1:8080/v1"
+    assert session.cannot_send()  # loading: nothing else runs meanwhile
+    session.worker.play(Loaded(model={"name": "tiny", "backend": "remote", "url": load.url, "models": ["tiny"],
+                                      "latency_ms": 1.0, "speculative_modes": ["off"]}))
+    second = session.worker.sent[-1]
+    assert second.type == "generate" and second.messages[-1].content == "Say hi"
+    session.worker.play(Done(id=second.id, finish_reason="stop", text="remote", stats={"decode_tokens_per_s": 250.0}))
+    back = session.worker.sent[-1]
+    assert back.type == "load" and back.path == "/models/mini" and back.backend == "native"
+    (r,) = results
+    assert r["model"] == "mini · native vs tiny · remote" and r["speedup"] == 2.5
+    assert (r["off"]["label"], r["on"]["label"]) == ("mini · native", "tiny · remote")
+    assert (r["off"]["text"], r["on"]["text"]) == ("local", "remote")
+
+
+def test_compare_across_backends_ends_cleanly_when_the_other_model_fails_to_load(session):
+    loaded(session)
+    assert session.compare_models("/models/broken", prompt="Say hi")
+    run = session.worker.sent[-1]
+    session.worker.play(Done(id=run.id, finish_reason="stop", text="x", stats={}))
+    session.worker.play(Error(code="load_failed", message="bad file"))
+    assert session.compare_runs is None and session.model["name"] == "mini" and not session.cannot_send()
