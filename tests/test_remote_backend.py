@@ -251,3 +251,37 @@ def test_api_key_from_the_os_keyring(scripted, monkeypatch):
     b = RemoteBackend()
     b.load(Load(backend="remote", url=url, api_key_keyring=True), QUIET)
     assert b.generate(chat(), lambda t: None, lambda: False).text == "Hello world"
+
+
+def test_an_untrusted_certificate_is_a_tls_error(tmp_path):
+    """https is verified: a server with a self-signed certificate is refused with code tls."""
+    import datetime
+    import ssl
+
+    pytest.importorskip("cryptography", reason="makes the self-signed certificate (installed with keyring)")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+                           critical=False).sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(BackendError) as e:
+            RemoteBackend().load(Load(backend="remote", url=f"https://127.0.0.1:{server.server_address[1]}/ok/v1"), QUIET)
+        assert e.value.code == "tls" and "certificate" in e.value.message.lower()
+    finally:
+        server.shutdown()
