@@ -370,3 +370,14 @@ def test_compare_across_backends_ends_cleanly_when_the_other_model_fails_to_load
     session.worker.play(Done(id=run.id, finish_reason="stop", text="x", stats={}))
     session.worker.play(Error(code="load_failed", message="bad file"))
     assert session.compare_runs is None and session.model["name"] == "mini" and not session.cannot_send()
+
+
+def test_the_weights_choice_is_offered_only_for_native_models(window, session):
+    """Quantizing while loading is the native engine's; for a GGUF or a server the choice is disabled."""
+    win = window
+    session.start("/models/mini")
+    session.worker.play(Loaded(model={"name": "tiny", "backend": "remote", "url": "http://127.0.0.1:1/v1",
+                                      "speculative_modes": ["off"]}))
+    assert not win.settings.weights.isEnabled()
+    session.worker.play(Loaded(model=dict(MODEL)))
+    assert win.settings.weights.isEnabled()
