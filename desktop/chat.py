@@ -542,15 +542,18 @@ class ChatSession(QObject):
         usable = [m for m in modes if m != "draft" or self.model.get("draft")]  # a draft must be loaded
         return usable[0] if usable else None
 
+    def last_prompt(self) -> str | None:
+        """The open chat's last user message: what a comparison runs when given no prompt."""
+        users = [m for m in self.thread() if m["role"] == "user"]
+        return users[-1]["content"] if users else None
+
     def compare(self, prompt: str | None = None) -> bool:
         """Run the prompt twice with the same seed and settings, speculation off then on."""
         if self.cannot_send() or self.compare_mode() is None:
             return False
+        prompt = prompt if prompt is not None else self.last_prompt()
         if prompt is None:
-            users = [m for m in self.thread() if m["role"] == "user"]
-            if not users:
-                return False
-            prompt = users[-1]["content"]
+            return False
         self.compare_runs = {"prompt": prompt, "model": self.model.get("name"), "settings": vars(self.settings),
                              "on_mode": self.compare_mode(), "runs": {}}
         self.compare_next()
@@ -562,11 +565,9 @@ class ChatSession(QObject):
         use now is loaded back afterwards."""
         if self.cannot_send() or not other or other == self.model_path:
             return False
+        prompt = prompt if prompt is not None else self.last_prompt()
         if prompt is None:
-            users = [m for m in self.thread() if m["role"] == "user"]
-            if not users:
-                return False
-            prompt = users[-1]["content"]
+            return False
         first = f"{self.model['name']} · {self.model['backend']}"
         self.compare_runs = {"kind": "models", "prompt": prompt, "paths": [self.model_path, other],
                              "labels": [first, model_name(other)], "model": f"{first} vs {model_name(other)}",

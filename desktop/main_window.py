@@ -300,11 +300,7 @@ class MainWindow(QMainWindow):
                                  + f"{quant}{mtp}{draft}{params}" + (f" · {mem / 2**20:.0f} MiB" if mem else ""))
         self.model_label.setToolTip(info.get("path") or info["name"])
         self.settings.show_speculation(self.session.speculative_modes())
-        # Quantizing while loading is the native engine's: a GGUF carries its own types, a server its own.
-        native = info.get("backend") == "native"
-        self.settings.weights.setEnabled(native)
-        self.settings.weights.setToolTip("Quantize the model's weights while loading: less memory, faster decoding"
-                                         if native else f"Set by the {info.get('backend')} model itself")
+        self.settings.show_weights(info.get("backend"))
         self.refresh_models()
 
     def on_progress(self, stage: str, fraction: float) -> None:

@@ -76,6 +76,9 @@ class Sidebar(QWidget):
 OPEN_FOLDER, OPEN_GGUF = "", "?gguf"
 
 
+WEIGHTS_TIP = "Quantize the model's weights while loading: less memory, faster decoding"
+
+
 class SettingsPanel(QWidget):
     sig_changed = Signal()
     sig_model_chosen = Signal(str)  # a path, or OPEN_FOLDER / OPEN_GGUF to open a dialog
@@ -95,7 +98,7 @@ class SettingsPanel(QWidget):
         form.addRow("Model", self.model)
         self.weights = QComboBox()
         self.weights.setAccessibleName("weight quantization")
-        self.weights.setToolTip("Quantize the model's weights while loading: less memory, faster decoding")
+        self.weights.setToolTip(WEIGHTS_TIP)
         for label, value in WEIGHT_CHOICES:
             self.weights.addItem(label, value)
         self.weights.setCurrentIndex(next((i for i, (_, v) in enumerate(WEIGHT_CHOICES) if v == settings.quant), 0))
@@ -156,6 +159,11 @@ class SettingsPanel(QWidget):
         w.setAccessibleName(name)
         w.valueChanged.connect(self.sig_changed)
         return w
+
+    def show_weights(self, backend: str) -> None:
+        """Quantizing while loading is the native engine's: a GGUF carries its own types, a server its own."""
+        self.weights.setEnabled(backend == "native")
+        self.weights.setToolTip(WEIGHTS_TIP if backend == "native" else f"Set by the {backend} model itself")
 
     def show_speculation(self, modes: list[str]) -> None:
         """Offer only the modes the loaded model has (MTP for native models, lookup and draft for GGUF)."""

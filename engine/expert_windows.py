@@ -76,7 +76,7 @@ class ExpertWindows:
         if not self.routers or not self.recorded[0]:
             return out  # no MoE layer, no decode pass, or graphed steps
         sizes = torch.stack([union_sizes(w, r.n_experts) for w, r in zip(self.recorded, self.routers)])
-        per_pass = (sizes * torch.tensor(self.bytes)[:, None]).sum(0)  # [passes]
+        per_pass = (sizes * self.bytes_per_layer[:, None]).sum(0)  # [passes]
         out["expert_bytes_per_step"] = float(per_pass.double().mean())
         out["expert_bytes_per_token"] = float(per_pass.sum()) / tokens if tokens > 0 else None
         out["experts_per_layer_step"] = float(sizes.double().mean())

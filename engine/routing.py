@@ -81,16 +81,21 @@ class Router(torch.nn.Module):
             ids = self.policy(self, scores, choice)
         else:
             ids = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        self.record(scores, ids)
+        if self.online_step:  # after this pass's selection: the next pass sees the moved bias
+            load = self.count(ids).float()
+            self.bias += self.online_step * torch.sign(load.mean() - load)
+        return self.weights_of(scores, ids), ids
+
+    def record(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
+        """A selection's bookkeeping, wherever it was made (here, or in moedesk's CPU kernel): load
+        counting, the observer, the expert windows."""
         if self.load is not None:
             self.load += self.count(ids)
         if self.observe is not None:
             self.observe(self, scores, ids)
         if self.windows is not None:
             self.windows.append(ids)
-        if self.online_step:  # after this pass's selection: the next pass sees the moved bias
-            load = self.count(ids).float()
-            self.bias += self.online_step * torch.sign(load.mean() - load)
-        return self.weights_of(scores, ids), ids
 
     def mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Keep the experts of the best `topk_group` groups; the rest can't be chosen."""

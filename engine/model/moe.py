@@ -152,19 +152,8 @@ class MoE(torch.nn.Module):
         if args is None:
             return None
         y, ids, scores = torch.ops.moedesk.moe_ffn(x.reshape(-1, x.shape[-1]), *args)
-        self.account(ids, scores)
+        self.router.record(scores, ids)
         return y.view(x.shape).to(x.dtype)
-
-    def account(self, ids: torch.Tensor, scores: torch.Tensor) -> None:
-        """What Router.forward does after a selection, for choices the CPU kernel made: load counting,
-        observers, the expert windows."""
-        r = self.router
-        if r.load is not None:
-            r.load += r.count(ids)
-        if r.observe is not None:
-            r.observe(r, scores, ids)
-        if r.windows is not None:
-            r.windows.append(ids)
 
     def fused_args(self, norm):
         """(the weights they are made of, the kernel's tensors and settings or None: a format it lacks)."""

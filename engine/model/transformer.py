@@ -150,7 +150,7 @@ class Transformer(torch.nn.Module):
         y, ids, scores = torch.ops.moedesk.layers_decode(x[0], w, ints, floats, kvs, cos, sin, start_pos, top_k, E)
         for j, b in enumerate(self.layers):
             if isinstance(b.ffn, MoE):
-                b.ffn.account(ids[j], scores[j])
+                b.ffn.router.record(scores[j], ids[j])
         return y[None].to(x.dtype)
 
     def _joined_args(self, parts: list, kvs: list) -> tuple:

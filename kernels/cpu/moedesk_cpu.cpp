@@ -736,11 +736,6 @@ void rope(float* v, int64_t R, const float* cos, const float* sin, bool interlea
   }
 }
 
-inline float load_value(const at::Tensor& t, const void* base, int64_t i) {
-  return t.scalar_type() == at::kBFloat16 ? bf16_value(static_cast<const uint16_t*>(base)[i])
-                                          : static_cast<const float*>(base)[i];
-}
-
 // x [T, H] fp32 in place: x += attention(rms_norm(x)); t: the 17 tensors, ints: the 17 ints, floats: 2.
 void mla_layer(float* x, int64_t T, int64_t H, const at::Tensor* t, const int64_t* ints, const double* floats,
                const at::Tensor& kv, const float* cosp, const float* sinp) {
@@ -775,10 +770,13 @@ void mla_layer(float* x, int64_t T, int64_t H, const at::Tensor* t, const int64_
   }
   // the new tokens into the cache
   void* kvp = kv.data_ptr();
+  const bool bf16 = kv.scalar_type() == at::kBFloat16;  // the cache's dtype: fp32 or bf16
+  const int64_t esz = bf16 ? 2 : 4;
+  const char* kb = static_cast<const char*>(kvp);
   for (int64_t i = 0; i < T; ++i)
     for (int64_t c = 0; c < C + R; ++c) {
       const int64_t at = (start + i) * (C + R) + c;
-      if (kv.scalar_type() == at::kBFloat16)
+      if (bf16)
         static_cast<uint16_t*>(kvp)[at] = bf16_bits(lat[i * (C + R) + c]);
       else
         static_cast<float*>(kvp)[at] = lat[i * (C + R) + c];
@@ -804,9 +802,6 @@ void mla_layer(float* x, int64_t T, int64_t H, const at::Tensor* t, const int64_
       float* oh = &ol[hd * T * C];
       for (int64_t i = 0; i < T; ++i) {  // token i sees cache rows 0..start+i
         const int64_t n = start + i + 1;
-        const bool bf16 = kv.scalar_type() == at::kBFloat16;
-        const int64_t esz = bf16 ? 2 : 4;
-        const char* kb = static_cast<const char*>(kvp);
         float mx = -INFINITY;
         for (int64_t s2 = 0; s2 < n; ++s2) {
           sc[s2] = dot_row(qh + i * (C + R), kb + s2 * (C + R) * esz, bf16, C + R);
