@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import torch
 
+from engine.model.linear import read_bytes
 from engine.routing import Router
 
 
 def expert_bytes(experts: torch.nn.Module, n_experts: int) -> int:
     """Bytes of one routed expert: the layer's stacked weights (and scales) over its expert count."""
     tensors = list(experts.parameters(recurse=False)) + list(experts.buffers(recurse=False))
-    return sum(t.numel() * t.element_size() for t in tensors) // n_experts
+    return sum(read_bytes(t) for t in tensors) // n_experts
 
 
 def union_sizes(windows: list[torch.Tensor], n_experts: int) -> torch.Tensor:

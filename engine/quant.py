@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from kernels import cpu, use_triton
 from kernels.formats import INT4_GROUPS, QWeight, dequantize, quantize_fp8, quantize_int4, quantize_int8
-from engine.model.linear import decode_shaped
+from engine.model.linear import decode_shaped, read_bytes
 from engine.model.moe import Experts
 
 KEEP_DENSE = ("kv_up_proj", "router")  # module names never quantized (see the module docstring)
@@ -319,19 +319,19 @@ def weight_bytes(model: torch.nn.Module) -> dict:
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name.startswith("rotary") or ".cache." in name:
             continue
-        n = t.numel() * t.element_size()
-        total += n
+        total += t.numel() * t.element_size()
+        n = read_bytes(t)
         if name.startswith("mtp."):
             continue
-        if name.startswith("embed."):
-            per_token += n // t.shape[0]
+        if name.startswith("embed."):  # a row looked up as stored
+            per_token += t.numel() * t.element_size() // t.shape[0]
         elif ".experts." in name:
             per_token += n // t.shape[0] * k
         else:
             per_token += n
     head = getattr(model.head, "weight", None)
     if head is not None and head is getattr(model.embed, "weight", None):  # tied: the head reads it all
-        per_token += head.numel() * head.element_size()
+        per_token += read_bytes(head)
     return {"model_bytes": total, "bytes_per_token": per_token}
 
 

@@ -1,4 +1,5 @@
-"""moedesk's C++ CPU kernels (kernels/cpu) against the PyTorch reference, every format and row count."""
+"""moedesk's C++ CPU kernels (kernels/cpu) against the PyTorch reference, every format and row count,
+under every instruction set the build has (AVX-512, AVX2, plain C++: `moedesk::set_isa` lowers it)."""
 from __future__ import annotations
 
 import pytest
@@ -18,6 +19,20 @@ def built():
     assert cpu.available(), "the moedesk CPU kernels did not load"
 
 
+ISAS = {"avx512": 2, "avx2": 1, "generic": 0}
+
+
+@pytest.fixture(autouse=True, params=list(ISAS))
+def isa(request, built):
+    """Each test once per instruction set this build has (an AVX2-only CPU skips the AVX-512 runs)."""
+    best = torch.ops.moedesk.set_isa(99)
+    if ISAS[request.param] > best:
+        pytest.skip(f"this CPU has no {request.param}")
+    torch.ops.moedesk.set_isa(ISAS[request.param])
+    yield request.param
+    torch.ops.moedesk.set_isa(best)
+
+
 def weights(fmt: str, N: int, K: int, seed: int = 0, group: int = 64):
     """(q, scale, zero, fmt code, group) for the op, and the fp32 weight the format means."""
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05
@@ -26,6 +41,8 @@ def weights(fmt: str, N: int, K: int, seed: int = 0, group: int = 64):
         return (w, e, e, 0, 0), w
     if fmt == "bf16":
         return (w.bfloat16(), e, e, 1, 0), w.bfloat16().float()
+    if fmt == "bf16_exact":
+        return (w.bfloat16(), e, e, 4, 0), w.bfloat16().float()
     if fmt == "int8":
         q = quantize_int8(w)
         return (q.qweight, q.scale, e, 2, 0), dequantize(q, torch.float32)
@@ -35,11 +52,11 @@ def weights(fmt: str, N: int, K: int, seed: int = 0, group: int = 64):
 
 # Weight-only formats dot bf16-rounded activations (int8 on VNNI: int16, finer): their error is
 # the activations' rounding, ~2^-9 relative.
-TOL = {"fp32": 1e-5, "bf16": 6e-3, "int8": 6e-3, "int4": 6e-3}
+TOL = {"fp32": 1e-5, "bf16": 6e-3, "int8": 6e-3, "int4": 6e-3, "bf16_exact": 1e-5}
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
-@pytest.mark.parametrize("shape", [(96, 64), (256, 192), (160, 1408), (48, 200)])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4", "bf16_exact"])
+@pytest.mark.parametrize("shape", [(96, 64), (256, 192), (160, 1408), (48, 200), (40, 24)])
 def test_linear_matches_the_reference_for_every_row_count(fmt, shape):
     N, K = shape
     if fmt == "int4" and K % 64:
@@ -59,19 +76,31 @@ def test_linear_matches_the_reference_for_every_row_count(fmt, shape):
         assert torch.equal(rows[M][0], rows[1][0])
 
 
-def test_int8_on_vnni_rounds_activations_to_int16():
-    """Where the CPU has AVX512-VNNI, int8 weights meet int16 activations (vpdpwssd): the product is then
-    within 1e-4 of x · dequantized W (5e-4 with a few features 30 times the rest, as hidden states
-    have), where bf16-rounded activations leave ~2e-3."""
-    if "avx512_vnni" not in cpu.cpu_flags():
-        pytest.skip("no AVX512-VNNI on this CPU: int8 takes the bf16 path")
-    args, w = weights("int8", 256, 1408)
-    x = torch.randn(4, 1408, generator=torch.Generator().manual_seed(1))
-    y, ref = torch.ops.moedesk.linear(x, *args), x @ w.T
-    assert ((y - ref).norm() / ref.norm()) < 1e-4
-    x[:, :8] *= 30  # the row's scale follows its largest value
-    y, ref = torch.ops.moedesk.linear(x, *args), x @ w.T
-    assert ((y - ref).norm() / ref.norm()) < 5e-4
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_integer_dots_round_activations_to_int16(fmt, isa):
+    """int8 weights on AVX512-VNNI (vpdpwssd) and int8/int4 on AVX2 (vpmaddwd) meet int16 activations:
+    the product is then within 1e-4 of x · dequantized W (5e-4 with a few features 30 times the rest,
+    as hidden states have), where bf16-rounded activations leave ~2e-3. Rows longer than the int32
+    lanes can sum exactly (4,096 columns on AVX2) are summed in parts."""
+    if isa == "generic" or (isa == "avx512" and (fmt == "int4" or "avx512_vnni" not in cpu.cpu_flags())):
+        pytest.skip(f"{fmt} takes the fp32 or bf16 path on {isa}")
+    for K in (1408, 8192 + 256):
+        args, w = weights(fmt, 64, K)
+        x = torch.randn(4, K, generator=torch.Generator().manual_seed(1))
+        y, ref = torch.ops.moedesk.linear(x, *args), x @ w.T
+        assert ((y - ref).norm() / ref.norm()) < 1e-4, K
+        x[:, :8] *= 30  # the row's scale follows its largest value
+        y, ref = torch.ops.moedesk.linear(x, *args), x @ w.T
+        assert ((y - ref).norm() / ref.norm()) < 5e-4, K
+
+
+def test_bf16_weights_with_fp32_activations_equal_the_fp32_products():
+    """"bf16_exact" (a bf16 checkpoint run in fp32) reads half the bytes and gives the same bits."""
+    for N, K in ((96, 64), (160, 1408), (40, 24)):
+        (q, *_), w = weights("bf16_exact", N, K)
+        x = torch.randn(5, K, generator=torch.Generator().manual_seed(2))
+        e = cpu.empty()
+        assert torch.equal(torch.ops.moedesk.linear(x, q, e, e, 4, 0), torch.ops.moedesk.linear(x, w, e, e, 0, 0))
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])
@@ -83,7 +112,7 @@ def test_int4_groups_and_a_batch_shape(group):
     assert y.shape == (2, 3, 64) and ((y - ref).norm() / ref.norm()) < TOL["int4"]
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4", "bf16_exact"])
 def test_moe_reads_each_chosen_expert_once_and_matches_the_reference(fmt):
     E, H, I, k = 6, 128, 64, 2
     gu = [weights(fmt, 2 * I, H, seed=e) for e in range(E)]

@@ -6,12 +6,15 @@ bf16 (docs/quantization.md). Anything else (prefill, training with autograd, the
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from kernels import cpu
 
 CPU_FORMATS = {torch.float32: cpu.FORMATS["fp32"], torch.bfloat16: cpu.FORMATS["bf16"]}
+log = logging.getLogger(__name__)
 
 
 def decode_shaped(x: torch.Tensor) -> bool:
@@ -20,11 +23,45 @@ def decode_shaped(x: torch.Tensor) -> bool:
             and not torch.is_grad_enabled() and cpu.available())
 
 
+def bf16_valued(w: torch.Tensor) -> bool:
+    """Whether every value of an fp32 tensor is a bf16 value (its low 16 bits are zero): a bf16
+    checkpoint loaded in fp32. A sample is checked first, so other weights cost almost nothing."""
+    if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
+        return False
+    bits = w.view(-1).view(torch.int32)
+    return not bool((bits[:4096] & 0xFFFF).any()) and not bool((bits & 0xFFFF).any())
+
+
+def read_bytes(w: torch.Tensor) -> int:
+    """Bytes of a weight as decoding reads it: the bf16 copy of kernel_dense where the CPU kernels run."""
+    if w.dtype == torch.float32 and cpu.available() and bf16_valued(w.detach()):
+        return w.numel() * 2
+    return w.numel() * w.element_size()
+
+
+def kernel_dense(w: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A full-precision weight as moedesk's kernels read it, with its format. An fp32 weight holding only
+    bf16 values goes as a bf16 copy met by fp32 activations ("bf16_exact"): the same products bit for
+    bit, half the bytes read per step. The copy is extra memory (half the fp32 weight), made only while
+    there is room for it twice over."""
+    w = w.detach()
+    if bf16_valued(w):
+        import psutil
+        if psutil.virtual_memory().available > 4 * w.numel():
+            return w.to(torch.bfloat16), cpu.FORMATS["bf16_exact"]
+        log.info("no memory to spare for a bf16 copy of a %s weight; the kernels read it as fp32", tuple(w.shape))
+    return w, CPU_FORMATS[w.dtype]
+
+
 class Linear(torch.nn.Linear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fused = FusedArgs()  # the weight as the CPU kernel reads it (kernel_dense)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = CPU_FORMATS.get(self.weight.dtype)
-        if fmt is not None and self.bias is None and decode_shaped(x):
-            return torch.ops.moedesk.linear(x, self.weight, cpu.empty(), cpu.empty(), fmt, 0).to(x.dtype)
+        if self.weight.dtype in CPU_FORMATS and self.bias is None and decode_shaped(x):
+            w, fmt = self._fused.get(self, None, lambda: ([self.weight], kernel_dense(self.weight)))
+            return torch.ops.moedesk.linear(x, w, cpu.empty(), cpu.empty(), fmt, 0).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -33,7 +70,8 @@ def cpu_weight(module: torch.nn.Module) -> tuple | None:
     they do not read, e.g. FP8)."""
     e = cpu.empty()
     if isinstance(module, torch.nn.Linear) and module.bias is None and module.weight.dtype in CPU_FORMATS:
-        return (module.weight.detach(), e, e), CPU_FORMATS[module.weight.dtype], 0
+        w, fmt = kernel_dense(module.weight)
+        return (w, e, e), fmt, 0
     spec = getattr(module, "spec", None)
     if spec is not None and spec.fmt in ("int8", "int4") and hasattr(module, "qweight"):
         if spec.fmt == "int8":

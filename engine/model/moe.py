@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model.config import ModelConfig
-from engine.model.linear import CPU_FORMATS, Linear, FusedArgs, cpu_weight, decode_shaped, own_weights
+from engine.model.linear import CPU_FORMATS, Linear, FusedArgs, cpu_weight, decode_shaped, kernel_dense, own_weights
 from engine.routing import Router
 from kernels import cpu, use_triton
 
@@ -171,7 +171,10 @@ class MoE(torch.nn.Module):
                        dn.qweight, dn.scale, e if dn.zero is None else dn.zero]
             fmt, group = cpu.FORMATS[ex.spec.fmt], ex.spec.group if ex.spec.fmt == "int4" else 0
         elif ex.gate_up.dtype in CPU_FORMATS:
-            experts, fmt, group = [ex.gate_up.detach(), e, e, ex.down.detach(), e, e], CPU_FORMATS[ex.gate_up.dtype], 0
+            (gu, fmt), (dn, dn_fmt) = kernel_dense(ex.gate_up), kernel_dense(ex.down)
+            if dn_fmt != fmt:  # the kernel takes one format for both: the weights as stored
+                gu, dn, fmt = ex.gate_up.detach(), ex.down.detach(), CPU_FORMATS[ex.gate_up.dtype]
+            experts, group = [gu, e, e, dn, e, e], 0
         else:
             return sources, None
         shared = [cpu_weight(m) for m in (sh.gate_proj, sh.up_proj, sh.down_proj)] if sh is not None else []

@@ -5,7 +5,8 @@
 //        y[m] = Σ_j weights[m, j] · down_e · (silu(gate_e · x[m]) * (up_e · x[m])),  e = ids[m, j]
 //
 // A weight is (q, scale, zero, fmt, group) in the formats of kernels/formats.py: fmt 0 fp32 and 1 bf16
-// (q is the weight; scale, zero empty), 2 int8 (q int8 [N, K], scale fp32 [N]), 3 int4 (q uint8 [N, K/2],
+// (q is the weight; scale, zero empty), 4 bf16 weights meeting fp32 activations (fp32 products, exactly
+// those of the same values stored as fp32, with half the bytes read), 2 int8 (q int8 [N, K], scale fp32 [N]), 3 int4 (q uint8 [N, K/2],
 // column 2j in the low nibble, scale fp32 [N, G], zero uint8 [N, G], G = ceil(K / group)).
 //
 // Each output row walks its weight row in chunks: the chunk is widened to fp32 in a buffer that stays in
@@ -24,13 +25,69 @@
 #include <cstring>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-enum Fmt : int64_t { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };
+// The instruction set the products use: the best this build has, or lower when set_isa asks (the tests
+// run the AVX2 paths on an AVX-512 machine that way). Workstations without AVX-512 (most desktop Zen 2/3
+// and Intel client parts) take the AVX2 paths: FMA for fp32 activations, vpmaddwd for int8 and int4
+// against int16 activations.
+enum Isa : int64_t { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
+constexpr int64_t BUILT_ISA =
+#if defined(__AVX512F__)
+    AVX512;
+#elif defined(__AVX2__) && defined(__FMA__)
+    AVX2;
+#else
+    GENERIC;
+#endif
+int64_t g_isa = BUILT_ISA;
+inline int64_t isa() { return g_isa; }
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline int32_t hsum8i(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// exp16's polynomial on 8 lanes; 2^n is built in the exponent bits (AVX2 has no scalef), so x is kept
+// to [-87, 88], where n stays a normal exponent (smaller arguments give ~1e-38 instead of 0).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// 8 fp32 or bf16 values from p as fp32.
+inline __m256 load8_f32(const void* p, bool bf16) {
+  if (!bf16) return _mm256_loadu_ps(static_cast<const float*>(p));
+  const __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+enum Fmt : int64_t { F32 = 0, BF16 = 1, I8 = 2, I4 = 3, BF16_EXACT = 4 };
 constexpr int64_t CHUNK = 512;                   // columns widened at a time (a multiple of every int4 group)
 constexpr int64_t PARALLEL_BYTES = 32 * 1024;  // smaller weights: one thread (a region costs a few µs; 256 KB
                                                 // left the bundled model's products on one core: 10-28% slower)
@@ -43,13 +100,17 @@ struct Weight {
   const float* xsum = nullptr;  // int4 by nibbles: Σx of the bf16 activations per row and group [M, G]
   const float* xscale = nullptr;  // int8 by VNNI: the activations are int16, x[m] ≈ xscale[m] · xq[m]
   int64_t count = 1;            // matrices in a stacked weight [count, N, K] (experts)
+  bool exact = false;           // bf16 weights with fp32 activations (format BF16_EXACT): fp32 FMAs
+
+  // Whether the activations stay fp32 (no bf16 or int16 copy is made for this weight).
+  bool fp32_activations() const { return fmt == F32 || exact; }
 
   int64_t groups() const { return (K + group - 1) / group; }
 
   // int8 read by vpdpwssd (vnni_rows) against activations quantized to int16 per row.
   bool vnni() const {
 #ifdef __AVX512VNNI__
-    return fmt == I8 && K % 32 == 0;
+    return isa() == AVX512 && fmt == I8 && K % 32 == 0;
 #else
     return false;
 #endif
@@ -58,7 +119,17 @@ struct Weight {
   // int4 read by nibbles, 128 columns a step (wide_rows), with the activations reordered to match.
   bool nibbles() const {
 #ifdef __AVX512BF16__
-    return fmt == I4 && group % 64 == 0 && K % 128 == 0;
+    return isa() == AVX512 && fmt == I4 && group % 64 == 0 && K % 128 == 0;
+#else
+    return false;
+#endif
+  }
+
+  // AVX2: int8 (madd_rows) and int4 (nibble_madd_rows, 64 columns a step, activations reordered to match)
+  // read by vpmaddwd against int16 activations.
+  bool madd() const {
+#if defined(__AVX2__) && defined(__FMA__)
+    return isa() == AVX2 && ((fmt == I8 && K % 16 == 0) || (fmt == I4 && group % 64 == 0 && K % 64 == 0));
 #else
     return false;
 #endif
@@ -117,8 +188,9 @@ struct Weight {
 
   // y[m * ldy + n] = x[m] · row n, for rows n in [n0, n1).
   void rows(const float* x, const uint16_t* xb, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
+    const int64_t level = isa();
 #ifdef __AVX512BF16__
-    if (xb && K % 32 == 0) {
+    if (level == AVX512 && xb && K % 32 == 0) {
       auto dp = [&]<int FMT>() {
         blocks<8, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
           dp_rows<FMT, R, MB>(xb + m0 * K, n, y + m0 * ldy, ldy);
@@ -141,7 +213,7 @@ struct Weight {
     }
 #endif
 #ifdef __AVX512F__
-    if (K % 16 == 0) {
+    if (level == AVX512 && K % 16 == 0) {
       auto fma = [&]<int FMT>() {
         blocks<8, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
           avx512_rows<FMT, R, MB>(x + m0 * K, n, y + m0 * ldy, ldy);
@@ -155,32 +227,58 @@ struct Weight {
       }
     }
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+    if (level >= AVX2) {  // 16 ymm registers: fewer weight rows per block than AVX-512's 32 zmm
+      if (xb && fmt == I8)
+        return blocks<8, 2, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
+          madd_rows<R, MB>(reinterpret_cast<const int16_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0);
+        });
+      if (xb && fmt == I4)
+        return blocks<4, 0, 1>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
+          nibble_madd_rows<R, MB>(reinterpret_cast<const int16_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0);
+        });
+      if (K % 8 == 0) {
+        auto fma = [&]<int FMT>() {
+          blocks<8, 2, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
+            avx2_rows<FMT, R, MB>(x + m0 * K, n, y + m0 * ldy, ldy);
+          });
+        };
+        switch (fmt) {
+          case F32: return fma.template operator()<F32>();
+          case BF16: return fma.template operator()<BF16>();
+          case I8: return fma.template operator()<I8>();
+          default: return fma.template operator()<I4>();
+        }
+      }
+    }
+#endif
     generic_rows(x, M, n0, n1, y, ldy);
   }
 
   // kernel.operator()<R, MB>(n, m0) over weight rows [n0, n1), R at a time (the rest one by one), and
   // activation rows in blocks of up to MAXB from m0: the counts are template arguments so that the
-  // R × MB accumulators are registers. Blocks of up to SMALL_MB rows take 4 weight rows at a time.
-  template <int MAXB, int SMALL_MB, class F>
+  // R × MB accumulators are registers. Blocks of up to SMALL_MB rows take 4 weight rows at a time, of up
+  // to MID_MB rows 2, larger ones 1.
+  template <int MAXB, int SMALL_MB, int MID_MB = 8, class F>
   static void blocks(int64_t M, int64_t n0, int64_t n1, F&& kernel) {
     for (int64_t m0 = 0; m0 < M; m0 += MAXB) {
       switch (std::min<int64_t>(MAXB, M - m0)) {
-        case 1: sweep<MAXB, SMALL_MB, 1>(n0, n1, m0, kernel); break;
-        case 2: sweep<MAXB, SMALL_MB, 2>(n0, n1, m0, kernel); break;
-        case 3: sweep<MAXB, SMALL_MB, 3>(n0, n1, m0, kernel); break;
-        case 4: sweep<MAXB, SMALL_MB, 4>(n0, n1, m0, kernel); break;
-        case 5: sweep<MAXB, SMALL_MB, 5>(n0, n1, m0, kernel); break;
-        case 6: sweep<MAXB, SMALL_MB, 6>(n0, n1, m0, kernel); break;
-        case 7: sweep<MAXB, SMALL_MB, 7>(n0, n1, m0, kernel); break;
-        default: sweep<MAXB, SMALL_MB, 8>(n0, n1, m0, kernel); break;
+        case 1: sweep<MAXB, SMALL_MB, MID_MB, 1>(n0, n1, m0, kernel); break;
+        case 2: sweep<MAXB, SMALL_MB, MID_MB, 2>(n0, n1, m0, kernel); break;
+        case 3: sweep<MAXB, SMALL_MB, MID_MB, 3>(n0, n1, m0, kernel); break;
+        case 4: sweep<MAXB, SMALL_MB, MID_MB, 4>(n0, n1, m0, kernel); break;
+        case 5: sweep<MAXB, SMALL_MB, MID_MB, 5>(n0, n1, m0, kernel); break;
+        case 6: sweep<MAXB, SMALL_MB, MID_MB, 6>(n0, n1, m0, kernel); break;
+        case 7: sweep<MAXB, SMALL_MB, MID_MB, 7>(n0, n1, m0, kernel); break;
+        default: sweep<MAXB, SMALL_MB, MID_MB, 8>(n0, n1, m0, kernel); break;
       }
     }
   }
 
-  template <int MAXB, int SMALL_MB, int MB, class F>
+  template <int MAXB, int SMALL_MB, int MID_MB, int MB, class F>
   static void sweep(int64_t n0, int64_t n1, int64_t m0, F& kernel) {
     if constexpr (MB <= MAXB) {
-      constexpr int R = MB <= SMALL_MB ? 4 : 2;
+      constexpr int R = MB <= SMALL_MB ? 4 : MB <= MID_MB ? 2 : 1;
       int64_t n = n0;
       for (; n + R <= n1; n += R) kernel.template operator()<R, MB>(n, m0);
       for (; n < n1; ++n) kernel.template operator()<1, MB>(n, m0);
@@ -391,6 +489,147 @@ struct Weight {
   }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+  // 8 fp32 weights of a row from column k (int4: before its group's scale and zero).
+  template <int FMT>
+  static inline __m256 load8(const uint8_t* row, int64_t k) {
+    if constexpr (FMT == F32) {
+      return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
+    } else if constexpr (FMT == BF16) {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint16_t*>(row) + k));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else if constexpr (FMT == I8) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
+    } else {  // 4 bytes → 8 nibbles in column order (low nibble first)
+      int32_t b4;
+      std::memcpy(&b4, row + k / 2, 4);
+      __m128i b = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(b4));
+      __m128i lohi = _mm_or_si128(_mm_and_si128(b, _mm_set1_epi16(0x0F)),
+                                  _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0xF0)), 4));
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lohi));
+    }
+  }
+
+  // avx512_rows with 8 columns a step: fp32 activations, each weight vector loaded once for MB rows.
+  template <int FMT, int R, int MB>
+  void avx2_rows(const float* x, int64_t n, float* y, int64_t ldy) const {
+    __m256 acc[R][MB];
+    const uint8_t* row[R];
+    for (int r = 0; r < R; ++r) {
+      row[r] = q + (n + r) * row_bytes();
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+    }
+    auto step = [&](int64_t k, const __m256* s, const __m256* zs) {
+      __m256 w[R];
+      for (int r = 0; r < R; ++r) {
+        w[r] = load8<FMT>(row[r], k);
+        if constexpr (FMT == I4) w[r] = _mm256_fmsub_ps(w[r], s[r], zs[r]);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(w[r], xv, acc[r][m]);
+      }
+    };
+    if constexpr (FMT == I4) {
+      const int64_t G = groups();
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 s[R], zs[R];
+        for (int r = 0; r < R; ++r) {
+          const float sc = scale[(n + r) * G + g];
+          s[r] = _mm256_set1_ps(sc);
+          zs[r] = _mm256_set1_ps(static_cast<float>(zero[(n + r) * G + g]) * sc);
+        }
+        const int64_t k1 = std::min(K, (g + 1) * group);
+        for (int64_t k = g * group; k < k1; k += 8) step(k, s, zs);
+      }
+    } else {
+      for (int64_t k = 0; k < K; k += 8) step(k, nullptr, nullptr);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float rs = FMT == I8 ? scale[n + r] : 1.f;
+      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = hsum8(acc[r][m]) * rs;
+    }
+  }
+
+  // int8 weights sign-extended to int16 and multiplied by int16 activations with vpmaddwd (pairs summed
+  // exactly into int32): the AVX2 form of vnni_rows. int32 lanes are safe for 4,096 columns (each lane
+  // gains 2 · 127 · 32767 per 16 columns), so longer rows flush to fp32.
+  template <int R, int MB>
+  void madd_rows(const int16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0) const {
+    constexpr int64_t FLUSH = 4096;
+    float acc[R][MB] = {};
+    const int8_t* row[R];
+    for (int r = 0; r < R; ++r) row[r] = reinterpret_cast<const int8_t*>(q + (n + r) * row_bytes());
+    for (int64_t k0 = 0; k0 < K; k0 += FLUSH) {
+      __m256i part[R][MB];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MB; ++m) part[r][m] = _mm256_setzero_si256();
+      const int64_t k1 = std::min(K, k0 + FLUSH);
+      for (int64_t k = k0; k < k1; k += 16) {
+        __m256i w[R];
+        for (int r = 0; r < R; ++r)
+          w[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + k)));
+        for (int m = 0; m < MB; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K + k));
+          for (int r = 0; r < R; ++r) part[r][m] = _mm256_add_epi32(part[r][m], _mm256_madd_epi16(w[r], xv));
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MB; ++m) acc[r][m] += static_cast<float>(hsum8i(part[r][m]));
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = acc[r][m] * (scale[n + r] * xscale[m0 + m]);
+  }
+
+  // int4 against int16 activations, 64 columns per step from 32 bytes read as 16 16-bit lanes: lane i
+  // holds columns 4i..4i+3, one per nibble, so (b >> 4j) & 15 is column 4i+j as an int16, and the
+  // activations are reordered to match (column 4i+j at j·16 + i). A step lies in one group (groups are
+  // multiples of 64): its exact int32 sum Σ q·x times the group's scale goes to the fp32 accumulator, and
+  // the zero point comes off at the end with the activations' integer sums per group:
+  // Σ (q − z)·s·x = Σ_g s_g·(Σ q·x)_g − Σ_g s_g·z_g·(Σ x)_g.
+  template <int R, int MB>
+  void nibble_madd_rows(const int16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0) const {
+    const __m256i nib = _mm256_set1_epi16(0x000F);
+    const int64_t G = groups();
+    __m256 acc[R][MB];
+    float corr[R][MB];
+    const uint8_t* row[R];
+    for (int r = 0; r < R; ++r) {
+      row[r] = q + (n + r) * row_bytes();
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps(), corr[r][m] = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const float zs = static_cast<float>(zero[(n + r) * G + g]) * scale[(n + r) * G + g];
+        for (int m = 0; m < MB; ++m) corr[r][m] = std::fma(zs, xsum[(m0 + m) * G + g], corr[r][m]);
+      }
+    }
+    const int gs = __builtin_ctzll(static_cast<unsigned long long>(group));
+    for (int64_t k = 0; k < K; k += 64) {
+      __m256i v[R][4];
+      __m256 sv[R];
+      for (int r = 0; r < R; ++r) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k / 2));
+        v[r][0] = _mm256_and_si256(b, nib);
+        v[r][1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+        v[r][2] = _mm256_and_si256(_mm256_srli_epi16(b, 8), nib);
+        v[r][3] = _mm256_srli_epi16(b, 12);
+        sv[r] = _mm256_set1_ps(scale[(n + r) * G + (k >> gs)]);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m256i* xk = reinterpret_cast<const __m256i*>(x + m * K + k);
+        const __m256i x0 = _mm256_loadu_si256(xk), x1 = _mm256_loadu_si256(xk + 1);
+        const __m256i x2 = _mm256_loadu_si256(xk + 2), x3 = _mm256_loadu_si256(xk + 3);
+        for (int r = 0; r < R; ++r) {
+          __m256i p = _mm256_add_epi32(_mm256_madd_epi16(v[r][0], x0), _mm256_madd_epi16(v[r][1], x1));
+          p = _mm256_add_epi32(p, _mm256_add_epi32(_mm256_madd_epi16(v[r][2], x2), _mm256_madd_epi16(v[r][3], x3)));
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv[r], acc[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = (hsum8(acc[r][m]) - corr[r][m]) * xscale[m0 + m];
+  }
+#endif
+
   void generic_rows(const float* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
     float buf[CHUNK];
     float acc[16];
@@ -416,7 +655,7 @@ struct Weight {
   void product(const float* x, const uint16_t* xb, int64_t M, float* y) const {
     const int64_t bytes = N * row_bytes();
     const int64_t grain = bytes < PARALLEL_BYTES ? N : std::max<int64_t>(8, N / (4 * at::get_num_threads()));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(x, fmt == F32 ? nullptr : xb, M, n0, n1, y, N); });
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(x, fp32_activations() ? nullptr : xb, M, n0, n1, y, N); });
   }
 
   // Expert e of a stacked [E, N, K] weight.
@@ -432,8 +671,11 @@ struct Weight {
 Weight weight_of(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero, int64_t fmt, int64_t group,
                  int64_t N, int64_t K) {
   TORCH_CHECK(q.is_contiguous() && q.device().is_cpu(), "moedesk: weights must be contiguous CPU tensors");
-  TORCH_CHECK(fmt >= F32 && fmt <= I4, "moedesk: unknown weight format ", fmt);
+  TORCH_CHECK(fmt >= F32 && fmt <= BF16_EXACT, "moedesk: unknown weight format ", fmt);
+  const bool exact = fmt == BF16_EXACT;
+  if (exact) fmt = BF16;
   Weight w{fmt, N, K, group, static_cast<const uint8_t*>(q.data_ptr()), nullptr, nullptr};
+  w.exact = exact;
   w.count = q.dim() == 3 ? q.size(0) : 1;
   if (fmt == F32) TORCH_CHECK(q.scalar_type() == at::kFloat, "moedesk: fp32 weight expected");
   if (fmt == BF16) TORCH_CHECK(q.scalar_type() == at::kBFloat16, "moedesk: bf16 weight expected");
@@ -500,15 +742,29 @@ float exp_shifted(float* v, int64_t n, float shift) {
   float sum = 0.f;
   int64_t i = 0;
 #ifdef __AVX512F__
-  __m512 acc = _mm512_setzero_ps();
-  const __m512 sh = _mm512_set1_ps(shift);
-  for (; i < n; i += 16) {
-    const __mmask16 m = tail_mask(n - i);
-    const __m512 e = exp16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, v + i), sh));
-    _mm512_mask_storeu_ps(v + i, m, e);
-    acc = _mm512_mask_add_ps(acc, m, acc, e);
+  if (isa() == AVX512) {
+    __m512 acc = _mm512_setzero_ps();
+    const __m512 sh = _mm512_set1_ps(shift);
+    for (; i < n; i += 16) {
+      const __mmask16 m = tail_mask(n - i);
+      const __m512 e = exp16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, v + i), sh));
+      _mm512_mask_storeu_ps(v + i, m, e);
+      acc = _mm512_mask_add_ps(acc, m, acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
   }
-  sum = _mm512_reduce_add_ps(acc);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if (isa() == AVX2) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 sh = _mm256_set1_ps(shift);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = exp8(_mm256_add_ps(_mm256_loadu_ps(v + i), sh));
+      _mm256_storeu_ps(v + i, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum8(acc);
+  }
 #endif
   for (; i < n; ++i) sum += (v[i] = std::exp(v[i] + shift));
   return sum;
@@ -518,11 +774,18 @@ float exp_shifted(float* v, int64_t n, float shift) {
 void silu_mul(const float* g, const float* u, float* out, int64_t n) {
   int64_t i = 0;
 #ifdef __AVX512F__
-  for (; i < n; i += 16) {
+  for (; isa() == AVX512 && i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
     const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
     const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
     _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(gv, den), _mm512_maskz_loadu_ps(m, u + i)));
+  }
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; isa() == AVX2 && i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + i)));
   }
 #endif
   for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
@@ -530,44 +793,75 @@ void silu_mul(const float* g, const float* u, float* out, int64_t n) {
 
 // q · row over D values, the row fp32 or bf16 (the latent cache's dtypes).
 inline float dot_row(const float* q, const void* row, bool bf16, int64_t D) {
+  const uint16_t* rb = static_cast<const uint16_t*>(row);
+  const float* rf = static_cast<const float*>(row);
 #ifdef __AVX512F__
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t c = 0; c < D; c += 16) {
-    const __mmask16 m = tail_mask(D - c);
-    const void* p = bf16 ? static_cast<const void*>(static_cast<const uint16_t*>(row) + c)
-                         : static_cast<const void*>(static_cast<const float*>(row) + c);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + c), load_f32(p, bf16, m), acc);
+  if (isa() == AVX512) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < D; c += 16) {
+      const __mmask16 m = tail_mask(D - c);
+      const void* p = bf16 ? static_cast<const void*>(rb + c) : static_cast<const void*>(rf + c);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + c), load_f32(p, bf16, m), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
   }
-  return _mm512_reduce_add_ps(acc);
-#else
-  float acc = 0.f;
-  for (int64_t c = 0; c < D; ++c)
-    acc += q[c] * (bf16 ? bf16_value(static_cast<const uint16_t*>(row)[c]) : static_cast<const float*>(row)[c]);
-  return acc;
 #endif
+  float acc = 0.f;
+  int64_t c = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (isa() == AVX2) {
+    __m256 v = _mm256_setzero_ps();
+    for (; c + 8 <= D; c += 8) {
+      const void* p = bf16 ? static_cast<const void*>(rb + c) : static_cast<const void*>(rf + c);
+      v = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load8_f32(p, bf16), v);
+    }
+    acc = hsum8(v);
+  }
+#endif
+  for (; c < D; ++c) acc += q[c] * (bf16 ? bf16_value(rb[c]) : rf[c]);
+  return acc;
 }
 
 // o[c] = Σ_s p[s] · rows[s][c] for c < C over n rows of stride `stride` values, fp32 or bf16: 64 columns
-// at a time stay in registers while the rows stream past.
+// (AVX2: 32) at a time stay in registers while the rows stream past.
 void weighted_rows(const float* p, const void* rows, bool bf16, int64_t n, int64_t stride, float* o, int64_t C) {
   const int64_t esz = bf16 ? 2 : 4;
   const char* base = static_cast<const char*>(rows);
+  int64_t done = 0;  // columns finished by the vector paths
 #ifdef __AVX512F__
-  for (int64_t c0 = 0; c0 < C; c0 += 64) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    __mmask16 m[4];
-    for (int j = 0; j < 4; ++j) m[j] = c0 + 16 * j < C ? tail_mask(C - c0 - 16 * j) : 0;
-    for (int64_t s2 = 0; s2 < n; ++s2) {
-      const __m512 pv = _mm512_set1_ps(p[s2]);
-      const char* r = base + (s2 * stride + c0) * esz;
+  if (isa() == AVX512) {
+    for (int64_t c0 = 0; c0 < C; c0 += 64) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      __mmask16 m[4];
+      for (int j = 0; j < 4; ++j) m[j] = c0 + 16 * j < C ? tail_mask(C - c0 - 16 * j) : 0;
+      for (int64_t s2 = 0; s2 < n; ++s2) {
+        const __m512 pv = _mm512_set1_ps(p[s2]);
+        const char* r = base + (s2 * stride + c0) * esz;
+        for (int j = 0; j < 4; ++j)
+          if (m[j]) acc[j] = _mm512_fmadd_ps(pv, load_f32(r + 16 * j * esz, bf16, m[j]), acc[j]);
+      }
       for (int j = 0; j < 4; ++j)
-        if (m[j]) acc[j] = _mm512_fmadd_ps(pv, load_f32(r + 16 * j * esz, bf16, m[j]), acc[j]);
+        if (m[j]) _mm512_mask_storeu_ps(o + c0 + 16 * j, m[j], acc[j]);
     }
-    for (int j = 0; j < 4; ++j)
-      if (m[j]) _mm512_mask_storeu_ps(o + c0 + 16 * j, m[j], acc[j]);
+    done = C;
   }
-#else
-  for (int64_t c = 0; c < C; ++c) {
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  if (isa() == AVX2) {
+    for (int64_t c0 = 0; c0 + 8 <= C; c0 += 32) {
+      const int nv = static_cast<int>(std::min<int64_t>(4, (C - c0) / 8));
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t s2 = 0; s2 < n; ++s2) {
+        const __m256 pv = _mm256_set1_ps(p[s2]);
+        const char* r = base + (s2 * stride + c0) * esz;
+        for (int j = 0; j < nv; ++j) acc[j] = _mm256_fmadd_ps(pv, load8_f32(r + 8 * j * esz, bf16), acc[j]);
+      }
+      for (int j = 0; j < nv; ++j) _mm256_storeu_ps(o + c0 + 8 * j, acc[j]);
+      done = c0 + 8 * nv;
+    }
+  }
+#endif
+  for (int64_t c = done; c < C; ++c) {
     float acc = 0.f;
     for (int64_t s2 = 0; s2 < n; ++s2) {
       const char* r = base + (s2 * stride + c) * esz;
@@ -575,31 +869,55 @@ void weighted_rows(const float* p, const void* rows, bool bf16, int64_t n, int64
     }
     o[c] = acc;
   }
-#endif
 }
 
-// The activations x [M, K] as the kernels for weight w read them: rounded to bf16 for the bf16 dot
-// kernels (empty where they do not apply); for int8 by VNNI, int16 with w.xscale set to each row's
+// The activations x [M, K] rounded to int16 per row into out: x[m] ≈ scales[m] · out[m], scales[m] =
+// max|x[m]| / 32767. Column i of a row goes to out[m · K + at(i)].
+template <class At>
+void int16_rows(const float* x, int64_t M, int64_t K, uint16_t* out, float* scales, At&& at) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    float amax = 0.f;
+    for (int64_t i = 0; i < K; ++i) amax = std::max(amax, std::fabs(xm[i]));
+    const float s = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / s;
+    for (int64_t i = 0; i < K; ++i)
+      out[m * K + at(i)] = static_cast<uint16_t>(static_cast<int16_t>(std::nearbyint(xm[i] * inv)));
+    scales[m] = s;
+  }
+}
+
+// The activations x [M, K] as the kernels for weight w read them (empty: fp32, as they are). AVX-512:
+// rounded to bf16 for the bf16 dot kernels; for int8 by VNNI, int16 with w.xscale set to each row's
 // scale; for int4 by nibbles, reordered to match the nibbles, and w.xsum set to Σx per row and group.
+// AVX2: int8 and int4 as int16 (int4 reordered per 64 columns, w.xsum the integer sums per group).
 std::vector<uint16_t> activations(const float* x, int64_t M, int64_t K, Weight& w, std::vector<float>& xsum) {
   std::vector<uint16_t> out;
-#ifdef __AVX512BF16__
-  if (w.fmt == F32) return out;
-  out.resize(M * K);
-  if (w.vnni()) {  // int16 per row: x ≈ scale · round(x / scale), scale = max|x| / 32767
+  if (w.fp32_activations()) return out;
+  if (w.vnni() || (w.madd() && w.fmt == I8)) {
+    out.resize(M * K);
     xsum.resize(M);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K;
-      float amax = 0.f;
-      for (int64_t i = 0; i < K; ++i) amax = std::max(amax, std::fabs(xm[i]));
-      const float s = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / s;
-      for (int64_t i = 0; i < K; ++i)
-        out[m * K + i] = static_cast<uint16_t>(static_cast<int16_t>(std::nearbyint(xm[i] * inv)));
-      xsum[m] = s;
-    }
+    int16_rows(x, M, K, out.data(), xsum.data(), [](int64_t i) { return i; });
     w.xscale = xsum.data();
     return out;
   }
+  if (w.madd()) {  // int4: per 64 columns, column 4i+j at j·16 + i (nibble_madd_rows)
+    const int64_t G = w.groups();
+    out.resize(M * K);
+    xsum.assign(M * G + M, 0.f);
+    int16_rows(x, M, K, out.data(), xsum.data() + M * G, [](int64_t i) {
+      const int64_t k = i & ~int64_t{63}, c = i & 63;
+      return k + (c & 3) * 16 + (c >> 2);
+    });
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < K; ++i)
+        xsum[m * G + i / w.group] += static_cast<float>(static_cast<int16_t>(out[m * K + i]));
+    w.xsum = xsum.data();
+    w.xscale = xsum.data() + M * G;
+    return out;
+  }
+#ifdef __AVX512BF16__
+  if (isa() != AVX512) return out;
+  out.resize(M * K);
   if (!w.nibbles()) {
     for (int64_t i = 0; i < M * K; ++i) out[i] = bf16_bits(x[i]);
     return out;
@@ -972,9 +1290,17 @@ std::vector<at::Tensor> layers_decode(const at::Tensor& x, at::TensorList w, at:
   return {res.view(x.sizes()), ids, scores};
 }
 
+// The instruction set the kernels use from now on, at most the build's (a lower one for tests); returns
+// the one in effect. -1 asks without changing it.
+int64_t set_isa(int64_t level) {
+  if (level >= 0) g_isa = std::min(level, BUILT_ISA);
+  return g_isa;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moedesk, m) {
+  m.def("set_isa(int level) -> int");
   m.def("linear(Tensor x, Tensor q, Tensor scale, Tensor zero, int fmt, int group) -> Tensor");
   m.def("moe_ffn(Tensor x, Tensor[] w, int[] ints, float[] floats) -> Tensor[]");
   m.def("mla_decode(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!) kv, Tensor cos, Tensor sin) -> Tensor");
@@ -991,3 +1317,5 @@ TORCH_LIBRARY_IMPL(moedesk, CPU, m) {
   m.impl("moe_ffn", &moe_ffn);
   m.impl("layers_decode", &layers_decode);
 }
+
+TORCH_LIBRARY_IMPL(moedesk, CatchAll, m) { m.impl("set_isa", &set_isa); }
