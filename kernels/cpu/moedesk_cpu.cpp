@@ -125,8 +125,8 @@ struct Weight {
 #endif
   }
 
-  // AVX2: int8 (madd_rows) and int4 (nibble_madd_rows, 64 columns a step, activations reordered to match)
-  // read by vpmaddwd against int16 activations.
+  // AVX2: int8 read by vpmaddwd against int16 activations (madd_rows), int4 by vpmaddubsw against int8
+  // activations, 64 columns a step, reordered to match (nibble_madd_rows).
   bool madd() const {
 #if defined(__AVX2__) && defined(__FMA__)
     return isa() == AVX2 && ((fmt == I8 && K % 16 == 0) || (fmt == I4 && group % 64 == 0 && K % 64 == 0));
@@ -234,8 +234,8 @@ struct Weight {
           madd_rows<R, MB>(reinterpret_cast<const int16_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0);
         });
       if (xb && fmt == I4)
-        return blocks<4, 0, 1>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
-          nibble_madd_rows<R, MB>(reinterpret_cast<const int16_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0);
+        return blocks<8, 1, 2>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {  // xb: int8, reordered
+          nibble_madd_rows<R, MB>(reinterpret_cast<const int8_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0);
         });
       if (K % 8 == 0) {
         auto fma = [&]<int FMT>() {
@@ -581,52 +581,54 @@ struct Weight {
       for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = acc[r][m] * (scale[n + r] * xscale[m0 + m]);
   }
 
-  // int4 against int16 activations, 64 columns per step from 32 bytes read as 16 16-bit lanes: lane i
-  // holds columns 4i..4i+3, one per nibble, so (b >> 4j) & 15 is column 4i+j as an int16, and the
-  // activations are reordered to match (column 4i+j at j·16 + i). A step lies in one group (groups are
-  // multiples of 64): its exact int32 sum Σ q·x times the group's scale goes to the fp32 accumulator, and
-  // the zero point comes off at the end with the activations' integer sums per group:
-  // Σ (q − z)·s·x = Σ_g s_g·(Σ q·x)_g − Σ_g s_g·z_g·(Σ x)_g.
+  // int4 against int8 activations, llama.cpp's way on AVX2: per 64 columns (32 bytes) the low nibbles are
+  // the even columns and the high ones the odd columns, each met by 32 int8 activations (reordered to
+  // match) with vpmaddubsw; the block's exact integer sum times (its group's scale · the activations'
+  // scale for that block) goes to the fp32 accumulator. The zero point comes off at the end with the
+  // activations' sums per block: Σ (q − z)·s·x = Σ_b s·xs_b·(Σ q·xq)_b − Σ_b z·s·(xs_b·Σ xq_b).
+  // int8 activations (one scale per 64 values) err ~2^-8 per value, far below int4's own rounding, and
+  // take half the multiplies of int16 ones: int4 is bound by instructions here, not bytes.
   template <int R, int MB>
-  void nibble_madd_rows(const int16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0) const {
-    const __m256i nib = _mm256_set1_epi16(0x000F);
-    const int64_t G = groups();
+  void nibble_madd_rows(const int8_t* x, int64_t n, float* y, int64_t ldy, int64_t m0) const {
+    const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int64_t G = groups(), B = K / 64;
+    const float* xs = xscale + m0 * B;   // [MB, B]: the activations' scale per block
+    const float* xz = xsum + m0 * B;     // [MB, B]: xs_b · Σ xq over the block
     __m256 acc[R][MB];
     float corr[R][MB];
     const uint8_t* row[R];
+    const int gs = __builtin_ctzll(static_cast<unsigned long long>(group)) - 6;  // blocks per group: 2^gs
     for (int r = 0; r < R; ++r) {
       row[r] = q + (n + r) * row_bytes();
       for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps(), corr[r][m] = 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        const float zs = static_cast<float>(zero[(n + r) * G + g]) * scale[(n + r) * G + g];
-        for (int m = 0; m < MB; ++m) corr[r][m] = std::fma(zs, xsum[(m0 + m) * G + g], corr[r][m]);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t g = (n + r) * G + (b >> gs);
+        const float zs = static_cast<float>(zero[g]) * scale[g];
+        for (int m = 0; m < MB; ++m) corr[r][m] = std::fma(zs, xz[m * B + b], corr[r][m]);
       }
     }
-    const int gs = __builtin_ctzll(static_cast<unsigned long long>(group));
-    for (int64_t k = 0; k < K; k += 64) {
-      __m256i v[R][4];
-      __m256 sv[R];
+    for (int64_t b = 0; b < B; ++b) {
+      __m256i lo[R], hi[R];
+      float sc[R];
       for (int r = 0; r < R; ++r) {
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k / 2));
-        v[r][0] = _mm256_and_si256(b, nib);
-        v[r][1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
-        v[r][2] = _mm256_and_si256(_mm256_srli_epi16(b, 8), nib);
-        v[r][3] = _mm256_srli_epi16(b, 12);
-        sv[r] = _mm256_set1_ps(scale[(n + r) * G + (k >> gs)]);
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + b * 32));
+        lo[r] = _mm256_and_si256(w, nib);
+        hi[r] = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
+        sc[r] = scale[(n + r) * G + (b >> gs)];
       }
       for (int m = 0; m < MB; ++m) {
-        const __m256i* xk = reinterpret_cast<const __m256i*>(x + m * K + k);
-        const __m256i x0 = _mm256_loadu_si256(xk), x1 = _mm256_loadu_si256(xk + 1);
-        const __m256i x2 = _mm256_loadu_si256(xk + 2), x3 = _mm256_loadu_si256(xk + 3);
+        const __m256i* xk = reinterpret_cast<const __m256i*>(x + m * K + b * 64);
+        const __m256i xe = _mm256_loadu_si256(xk), xo = _mm256_loadu_si256(xk + 1);
+        const float xsb = xs[m * B + b];
         for (int r = 0; r < R; ++r) {
-          __m256i p = _mm256_add_epi32(_mm256_madd_epi16(v[r][0], x0), _mm256_madd_epi16(v[r][1], x1));
-          p = _mm256_add_epi32(p, _mm256_add_epi32(_mm256_madd_epi16(v[r][2], x2), _mm256_madd_epi16(v[r][3], x3)));
-          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv[r], acc[r][m]);
+          const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xe), _mm256_maddubs_epi16(hi[r], xo));
+          const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+          acc[r][m] = _mm256_fmadd_ps(p, _mm256_set1_ps(sc[r] * xsb), acc[r][m]);
         }
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = (hsum8(acc[r][m]) - corr[r][m]) * xscale[m0 + m];
+      for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = hsum8(acc[r][m]) - corr[r][m];
   }
 #endif
 
@@ -889,7 +891,7 @@ void int16_rows(const float* x, int64_t M, int64_t K, uint16_t* out, float* scal
 // The activations x [M, K] as the kernels for weight w read them (empty: fp32, as they are). AVX-512:
 // rounded to bf16 for the bf16 dot kernels; for int8 by VNNI, int16 with w.xscale set to each row's
 // scale; for int4 by nibbles, reordered to match the nibbles, and w.xsum set to Σx per row and group.
-// AVX2: int8 and int4 as int16 (int4 reordered per 64 columns, w.xsum the integer sums per group).
+// AVX2: int8 as int16; int4 as int8 per 64 columns, reordered (w.xscale, w.xsum: scales and sums per block).
 std::vector<uint16_t> activations(const float* x, int64_t M, int64_t K, Weight& w, std::vector<float>& xsum) {
   std::vector<uint16_t> out;
   if (w.fp32_activations()) return out;
@@ -900,19 +902,29 @@ std::vector<uint16_t> activations(const float* x, int64_t M, int64_t K, Weight& 
     w.xscale = xsum.data();
     return out;
   }
-  if (w.madd()) {  // int4: per 64 columns, column 4i+j at j·16 + i (nibble_madd_rows)
-    const int64_t G = w.groups();
-    out.resize(M * K);
-    xsum.assign(M * G + M, 0.f);
-    int16_rows(x, M, K, out.data(), xsum.data() + M * G, [](int64_t i) {
-      const int64_t k = i & ~int64_t{63}, c = i & 63;
-      return k + (c & 3) * 16 + (c >> 2);
-    });
+  if (w.madd()) {  // int4: int8 per 64 columns, the even columns first, then the odd (nibble_madd_rows)
+    const int64_t B = K / 64;
+    out.resize(M * K / 2);
+    int8_t* xq = reinterpret_cast<int8_t*>(out.data());
+    xsum.resize(2 * M * B);
+    float *xs = xsum.data(), *xz = xsum.data() + M * B;
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = 0; i < K; ++i)
-        xsum[m * G + i / w.group] += static_cast<float>(static_cast<int16_t>(out[m * K + i]));
-    w.xsum = xsum.data();
-    w.xscale = xsum.data() + M * G;
+      for (int64_t b = 0; b < B; ++b) {
+        const float* v = x + m * K + b * 64;
+        float amax = 0.f;
+        for (int64_t i = 0; i < 64; ++i) amax = std::max(amax, std::fabs(v[i]));
+        const float sc = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / sc;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < 64; ++i) {
+          const int8_t t = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+          xq[m * K + b * 64 + (i & 1) * 32 + (i >> 1)] = t;
+          sum += t;
+        }
+        xs[m * B + b] = sc;
+        xz[m * B + b] = sc * static_cast<float>(sum);
+      }
+    w.xscale = xs;
+    w.xsum = xz;
     return out;
   }
 #ifdef __AVX512BF16__
