@@ -1,6 +1,8 @@
 """A model folder → everything generation needs: network, tokenizer (if any), end-of-sequence ids."""
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,8 @@ def eos_ids_of(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -
         ids.append(tokenizer.eos_id)
     return tuple(dict.fromkeys(i for i in ids if isinstance(i, int)))
 
+atexit.register(gc.unfreeze)  # what load_pretrained froze is collectable again at exit (extensions report leaks)
+
 
 def load_pretrained(model_dir: str | Path, device: str | None = None, dtype=None,
                     progress: ProgressFn | None = None, quant=None) -> Pretrained:
@@ -51,4 +55,9 @@ def load_pretrained(model_dir: str | Path, device: str | None = None, dtype=None
     model_dir = Path(model_dir)
     model = load_model(model_dir, device=device, dtype=dtype, progress=progress, quant=quant)
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    # The model's tens of thousands of Python objects live as long as it does: out of the collector's
+    # sight, the collections that decoding's small allocations trigger stop walking them (they took ~5%
+    # of a decode step on the bundled model).
+    gc.collect()
+    gc.freeze()
     return Pretrained(model_dir, model, tokenizer, eos_ids_of(model_dir, model.cfg, tokenizer))
