@@ -197,6 +197,8 @@ class DraftLength:
     PROBE_FIRST, PROBE_MAX = 16, 256
     VERIFY_GROWTH = 0.05  # assumed extra verification cost per extra token, relative to a 1-token step
     RECENT = 0.3  # weight of the newest window in r, the recent union relative to its k's average
+    TRUSTED = 3  # observations of a k before its measured time alone decides (one can be a warm-up outlier)
+    SPIKE = 3.0  # an observation above this multiple of the estimate counts as this multiple
 
     def __init__(self, cfg: SpeculativeConfig):
         self.fixed = None if cfg.k == "auto" else int(cfg.k)
@@ -204,6 +206,7 @@ class DraftLength:
         self.accepted = [0.0] * self.k_max  # decayed counts per draft position
         self.reached = [0.0] * self.k_max
         self.t_step: dict[int, float] = {}  # k → seconds per step
+        self.n_obs: dict[int, int] = {}  # k → steps observed
         self.t_draft: float | None = None  # seconds per drafted token (MTP passes incl. catch-up)
         self.plain_streak = 0
         self.probe_every = self.PROBE_FIRST
@@ -215,11 +218,23 @@ class DraftLength:
         return new if old is None else (1 - self.EMA) * old + self.EMA * new
 
     def step_cost(self, k: int) -> float:
-        if k in self.t_step:
-            return self.t_step[k] + self.union_cost(k)
-        known = max(j for j in self.t_step if j < k)
-        per_draft = (self.t_draft or 0.0) + self.VERIFY_GROWTH * self.t_step[0]
-        return self.t_step[known] + self.union_cost(known) + (k - known) * per_draft  # optimistic until measured
+        """Expected seconds of a step with k drafts. A k seen fewer than TRUSTED times is taken at the
+        lower of its measured time and the estimate from the nearest k seen more, so that a first
+        measurement inflated by a warm-up (the first pass of a new shape) cannot shut that k out."""
+        est = self._estimate(k)
+        if k not in self.t_step:
+            return est
+        measured = self.t_step[k] + self.union_cost(k)
+        return measured if self.n_obs.get(k, 0) >= self.TRUSTED else min(measured, est)
+
+    def _estimate(self, k: int) -> float:
+        """k's cost from the nearest other measured k (the most observed where some are trusted), plus or
+        minus the measured cost per drafted token: optimistic until k itself is measured."""
+        others = [j for j in self.t_step if j != k] or [k]
+        trusted = [j for j in others if self.n_obs.get(j, 0) >= self.TRUSTED] or others
+        known = min(trusted, key=lambda j: (abs(j - k), j))
+        per_draft = (self.t_draft or 0.0) + self.VERIFY_GROWTH * self.t_step[min(self.t_step)]
+        return max(self.t_step[known] + self.union_cost(known) + (k - known) * per_draft, 1e-9)
 
     @property
     def seconds_per_byte(self) -> float:
@@ -285,7 +300,13 @@ class DraftLength:
                 ratio = window_bytes / self.bytes[k]
                 self.recent = ratio if self.recent is None else (1 - self.RECENT) * self.recent + self.RECENT * ratio
             self.bytes[k] = self._ema(self.bytes.get(k), window_bytes)
-        self.t_step[k] = self._ema(self.t_step.get(k), step_s)
+        if k in self.t_step and self.n_obs.get(k, 0) < self.TRUSTED:
+            self.t_step[k] = min(self.t_step[k], step_s)  # the first few: the least, past any warm-up
+        else:
+            if k in self.t_step:
+                step_s = min(step_s, self.SPIKE * self.t_step[k])
+            self.t_step[k] = self._ema(self.t_step.get(k), step_s)
+        self.n_obs[k] = self.n_obs.get(k, 0) + 1
         if k:
             self.t_draft = self._ema(self.t_draft, draft_s / k)
             for j in range(min(accepted + 1, k)):  # positions reached this step
