@@ -60,7 +60,10 @@ class Linear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype in CPU_FORMATS and self.bias is None and decode_shaped(x):
-            w, fmt = self._fused.get(self, None, lambda: ([self.weight], kernel_dense(self.weight)))
+            if torch.compiler.is_compiling():  # a traced step reads the weight as stored (no host checks)
+                w, fmt = self.weight, CPU_FORMATS[self.weight.dtype]
+            else:
+                w, fmt = self._fused.get(self, None, lambda: ([self.weight], kernel_dense(self.weight)))
             return torch.ops.moedesk.linear(x, w, cpu.empty(), cpu.empty(), fmt, 0).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
