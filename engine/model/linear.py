@@ -7,6 +7,7 @@ bf16 (docs/quantization.md). Anything else (prefill, training with autograd, the
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,14 @@ def bf16_valued(w: torch.Tensor) -> bool:
     return not bool((bits[:4096] & 0xFFFF).any()) and not bool((bits & 0xFFFF).any())
 
 
+def free_memory() -> float:
+    """Bytes of physical memory free now (where the OS says; elsewhere: no limit assumed)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return float("inf")
+
+
 def read_bytes(w: torch.Tensor) -> int:
     """Bytes of a weight as decoding reads it: the bf16 copy of kernel_dense where the CPU kernels run."""
     if w.dtype == torch.float32 and cpu.available() and bf16_valued(w.detach()):
@@ -46,8 +55,7 @@ def kernel_dense(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     there is room for it twice over."""
     w = w.detach()
     if bf16_valued(w):
-        import psutil
-        if psutil.virtual_memory().available > 4 * w.numel():
+        if free_memory() > 4 * w.numel():
             return w.to(torch.bfloat16), cpu.FORMATS["bf16_exact"]
         log.info("no memory to spare for a bf16 copy of a %s weight; the kernels read it as fp32", tuple(w.shape))
     return w, CPU_FORMATS[w.dtype]
