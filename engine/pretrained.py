@@ -46,6 +46,7 @@ def eos_ids_of(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer | None) -
         ids.append(tokenizer.eos_id)
     return tuple(dict.fromkeys(i for i in ids if isinstance(i, int)))
 
+
 atexit.register(gc.unfreeze)  # what load_pretrained froze is collectable again at exit (extensions report leaks)
 
 

@@ -221,19 +221,18 @@ class DraftLength:
         """Expected seconds of a step with k drafts. A k seen fewer than TRUSTED times is taken at the
         lower of its measured time and the estimate from the nearest k seen more, so that a first
         measurement inflated by a warm-up (the first pass of a new shape) cannot shut that k out."""
-        est = self._estimate(k)
         if k not in self.t_step:
-            return est
+            return self._estimate(k)
         measured = self.t_step[k] + self.union_cost(k)
-        return measured if self.n_obs.get(k, 0) >= self.TRUSTED else min(measured, est)
+        return measured if self.n_obs[k] >= self.TRUSTED else min(measured, self._estimate(k))
 
     def _estimate(self, k: int) -> float:
-        """k's cost from the nearest other measured k (the most observed where some are trusted), plus or
+        """k's cost from the nearest other measured k (the nearest trusted one where there is one), plus or
         minus the measured cost per drafted token: optimistic until k itself is measured."""
         others = [j for j in self.t_step if j != k] or [k]
         trusted = [j for j in others if self.n_obs.get(j, 0) >= self.TRUSTED] or others
         known = min(trusted, key=lambda j: (abs(j - k), j))
-        per_draft = (self.t_draft or 0.0) + self.VERIFY_GROWTH * self.t_step[min(self.t_step)]
+        per_draft = (self.t_draft or 0.0) + self.VERIFY_GROWTH * self.t_step[0]
         return max(self.t_step[known] + self.union_cost(known) + (k - known) * per_draft, 1e-9)
 
     @property

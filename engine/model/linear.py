@@ -26,11 +26,17 @@ def decode_shaped(x: torch.Tensor) -> bool:
 
 def bf16_valued(w: torch.Tensor) -> bool:
     """Whether every value of an fp32 tensor is a bf16 value (its low 16 bits are zero): a bf16
-    checkpoint loaded in fp32. A sample is checked first, so other weights cost almost nothing."""
+    checkpoint loaded in fp32. A sample is checked first, so other weights cost almost nothing; the
+    answer is kept per tensor until its data changes (meters ask at every request)."""
     if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
         return False
-    bits = w.view(-1).view(torch.int32)
-    return not bool((bits[:4096] & 0xFFFF).any()) and not bool((bits & 0xFFFF).any())
+    stamp = (w.data_ptr(), w._version)
+    seen = getattr(w, "_moedesk_bf16_valued", None)  # kept on the tensor: (stamp, answer)
+    if seen is None or seen[0] != stamp:
+        bits = w.detach().view(-1).view(torch.int32)
+        seen = (stamp, not bool((bits[:4096] & 0xFFFF).any()) and not bool((bits & 0xFFFF).any()))
+        w._moedesk_bf16_valued = seen
+    return seen[1]
 
 
 def free_memory() -> float:
@@ -43,7 +49,7 @@ def free_memory() -> float:
 
 def read_bytes(w: torch.Tensor) -> int:
     """Bytes of a weight as decoding reads it: the bf16 copy of kernel_dense where the CPU kernels run."""
-    if w.dtype == torch.float32 and cpu.available() and bf16_valued(w.detach()):
+    if w.dtype == torch.float32 and cpu.available() and bf16_valued(w):
         return w.numel() * 2
     return w.numel() * w.element_size()
 
@@ -53,12 +59,11 @@ def kernel_dense(w: torch.Tensor) -> tuple[torch.Tensor, int]:
     bf16 values goes as a bf16 copy met by fp32 activations ("bf16_exact"): the same products bit for
     bit, half the bytes read per step. The copy is extra memory (half the fp32 weight), made only while
     there is room for it twice over."""
-    w = w.detach()
     if bf16_valued(w):
         if free_memory() > 4 * w.numel():
-            return w.to(torch.bfloat16), cpu.FORMATS["bf16_exact"]
+            return w.detach().to(torch.bfloat16), cpu.FORMATS["bf16_exact"]
         log.info("no memory to spare for a bf16 copy of a %s weight; the kernels read it as fp32", tuple(w.shape))
-    return w, CPU_FORMATS[w.dtype]
+    return w.detach(), CPU_FORMATS[w.dtype]
 
 
 class Linear(torch.nn.Linear):

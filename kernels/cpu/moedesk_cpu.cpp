@@ -47,7 +47,13 @@ constexpr int64_t BUILT_ISA =
 int64_t g_isa = BUILT_ISA;
 inline int64_t isa() { return g_isa; }
 
+#ifdef __AVX512F__
+inline __m512 splat(float v, __m512) { return _mm512_set1_ps(v); }
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
+inline __m256 splat(float v, __m256) { return _mm256_set1_ps(v); }
+
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -285,28 +291,30 @@ struct Weight {
     }
   }
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   // step(k, s, zs) for every STEP columns of rows n..n+R-1: int4 group by group with each row's scale s
-  // and scale·zero zs broadcast, the other formats straight through (s, zs null).
-  template <int FMT, int R, int STEP, class S>
+  // and scale·zero zs broadcast as vectors V, the other formats straight through (s, zs null).
+  template <int FMT, int R, int STEP, class V, class S>
   void walk(int64_t n, S&& step) const {
     if constexpr (FMT == I4) {
       const int64_t G = groups();
       for (int64_t g = 0; g < G; ++g) {
-        __m512 s[R], zs[R];
+        V s[R], zs[R];
         for (int r = 0; r < R; ++r) {
           const float sc = scale[(n + r) * G + g];
-          s[r] = _mm512_set1_ps(sc);
-          zs[r] = _mm512_set1_ps(static_cast<float>(zero[(n + r) * G + g]) * sc);
+          s[r] = splat(sc, V());
+          zs[r] = splat(static_cast<float>(zero[(n + r) * G + g]) * sc, V());
         }
         const int64_t k1 = std::min(K, (g + 1) * group);
         for (int64_t k = g * group; k < k1; k += STEP) step(k, s, zs);
       }
     } else {
-      for (int64_t k = 0; k < K; k += STEP) step(k, nullptr, nullptr);
+      for (int64_t k = 0; k < K; k += STEP) step(k, static_cast<const V*>(nullptr), static_cast<const V*>(nullptr));
     }
   }
+#endif
 
+#ifdef __AVX512F__
   // The accumulators' sums into y, with int8's per-row scale.
   template <int FMT, int R, int MB>
   void store(__m512 (&acc)[R][MB], int64_t n, float* y, int64_t ldy) const {
@@ -355,7 +363,7 @@ struct Weight {
         for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(w[r], xv, acc[r][m]);
       }
     };
-    walk<FMT, R, 16>(n, step);
+    walk<FMT, R, 16, __m512>(n, step);
     store<FMT, R, MB>(acc, n, y, ldy);
   }
 #endif
@@ -484,7 +492,7 @@ struct Weight {
         for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], w[r], xv);
       }
     };
-    walk<FMT, R, 32>(n, step);
+    walk<FMT, R, 32, __m512>(n, step);
     store<FMT, R, MB>(acc, n, y, ldy);
   }
 #endif
@@ -530,21 +538,7 @@ struct Weight {
         for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(w[r], xv, acc[r][m]);
       }
     };
-    if constexpr (FMT == I4) {
-      const int64_t G = groups();
-      for (int64_t g = 0; g < G; ++g) {
-        __m256 s[R], zs[R];
-        for (int r = 0; r < R; ++r) {
-          const float sc = scale[(n + r) * G + g];
-          s[r] = _mm256_set1_ps(sc);
-          zs[r] = _mm256_set1_ps(static_cast<float>(zero[(n + r) * G + g]) * sc);
-        }
-        const int64_t k1 = std::min(K, (g + 1) * group);
-        for (int64_t k = g * group; k < k1; k += 8) step(k, s, zs);
-      }
-    } else {
-      for (int64_t k = 0; k < K; k += 8) step(k, nullptr, nullptr);
-    }
+    walk<FMT, R, 8, __m256>(n, step);
     for (int r = 0; r < R; ++r) {
       const float rs = FMT == I8 ? scale[n + r] : 1.f;
       for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = hsum8(acc[r][m]) * rs;
