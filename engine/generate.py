@@ -231,7 +231,7 @@ def _generate(model, prompt_ids, params, tokenizer, eos_ids, on_text, on_token, 
     t_prefill = time.perf_counter() - emitter.t0
     if budget == 0:
         return emitter.close(len(prompt_ids), t_prefill)
-    with ExpertWindows(model) as meter:
+    with ExpertWindows(model) as meter, model.fixed_weights():
         if use_mtp:
             extra = decode_mtp(model, prompt_ids, hidden, picker, emitter, should_stop, speculative, meter)
         else:

@@ -296,3 +296,46 @@ def test_every_layer_in_one_call_equals_the_layer_by_layer_calls(monkeypatch):
     assert len(calls) == 2
     assert all(torch.equal(a, b) for a, b in zip(out[True][0], out[False][0]))
     assert all(torch.equal(a, b) for a, b in zip(out[True][1], out[False][1]))
+
+
+def test_fused_decode_past_the_first_rotary_table_and_inside_fixed_weights(monkeypatch):
+    """The fused stack's rotary rows past the table's first 256 positions (the table grows for them:
+    the layer-by-layer path grows it, the fused one once read past its end), and the arguments a
+    fixed_weights() scope keeps from its first pass, give the layer-by-layer logits bit for bit."""
+    from engine.model.transformer import Transformer
+
+    model = small_model("fp32", 9, first_k_dense_replace=1)
+    tokens = torch.randint(2, 96, (1, 264), generator=torch.Generator().manual_seed(10))
+    out = {}
+    for joined in (True, False):
+        if not joined:
+            monkeypatch.setattr(Transformer, "fused_layers", lambda *a: None)
+        with torch.inference_mode():
+            model.reset_rotary()  # a table of 256 positions from the prefill, as a fresh model has
+            model.setup_caches(1, 300)
+            model(tokens[:, :250], 0)
+            with model.fixed_weights():
+                steps = [model.logits(model(tokens[:, p:p + 1], p)) for p in range(250, 260)]
+                steps.append(model.logits(model(tokens[:, 260:264], 260)))
+            out[joined] = steps
+    assert all(torch.equal(a, b) for a, b in zip(out[True], out[False]))
+
+
+def test_a_team_pass_equals_a_pass_on_per_product_regions():
+    """layers_decode on one team of threads (the products, heads and experts split by hand-off) gives the
+    bits of the same pass opening ATen's parallel regions per product; greedy decoding is unchanged."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: no team")
+    model = small_model("fp32", 11, first_k_dense_replace=1, n_shared_experts=1)
+    tokens = torch.randint(2, 96, (1, 20), generator=torch.Generator().manual_seed(12))
+    out = {}
+    for team in (1, 0):
+        torch.ops.moedesk.set_team(team)
+        try:
+            with torch.inference_mode():
+                model.setup_caches(1, 32)
+                model(tokens[:, :12], 0)
+                out[team] = [model.logits(model(tokens[:, 12:13], 12)), model.logits(model(tokens[:, 13:17], 13))]
+        finally:
+            torch.ops.moedesk.set_team(1)
+    assert all(torch.equal(a, b) for a, b in zip(out[1], out[0]))

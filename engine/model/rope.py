@@ -56,17 +56,24 @@ class RotaryEmbedding(torch.nn.Module):
 
     def at(self, positions: torch.Tensor, end: int) -> torch.Tensor:
         """The table rows of positions [T]; `end` (> every position, known on the host) sizes the table."""
-        size = 0 if self.table is None else self.table.shape[-2]
-        if end > size or self.table.device != self.inv_freq.device:
+        if not self.covers(end):
             if torch.compiler.is_compiling():  # no table to index yet: compute these rows in the graph
                 cos, sin = self.cos_sin(positions)
                 return torch.complex(cos, sin) if self.interleave else torch.stack([cos, sin])
-            self.build(max(end, 2 * size, 256))
+            self.grow(end)
         return self.table[positions] if self.interleave else self.table[:, positions]
 
+    def covers(self, end: int) -> bool:
+        """Whether the table holds positions 0..end-1, on the frequencies' device."""
+        return self.table is not None and end <= self.table.shape[-2] and self.table.device == self.inv_freq.device
+
+    def grow(self, end: int) -> None:
+        self.build(max(end, 2 * (0 if self.table is None else self.table.shape[-2]), 256))
+
     def rows(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [count, dim/2] of positions start.. as contiguous views (no copy), after `at` has
-        sized the table for them."""
+        """cos, sin [count, dim/2] of positions start.. as contiguous views (no copy)."""
+        if not self.covers(start + count):
+            self.grow(start + count)
         return self.pair[0, start:start + count], self.pair[1, start:start + count]
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

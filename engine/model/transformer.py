@@ -1,6 +1,8 @@
 """The DeepSeek-V2/V3 network: decoder blocks of MLA + (dense MLP | DeepSeekMoE), and MTP modules."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from engine.model.attention import MLA, LatentCache, RMSNorm, attention_mask
@@ -8,7 +10,7 @@ from engine.model.config import ModelConfig
 from engine.model.moe import MLP, MoE
 from engine.model.rope import RotaryEmbedding
 from engine.routing import Router
-from engine.model.linear import Linear
+from engine.model.linear import Linear, decode_shaped
 
 
 def positions_of(tokens: torch.Tensor, start_pos: int | torch.Tensor | None) -> torch.Tensor:
@@ -72,6 +74,7 @@ class Transformer(torch.nn.Module):
         self.mtp = torch.nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + i) for i in range(n_mtp))
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.rope_interleave)
         self._joined = None  # layers_decode's arguments and what they were made of (_joined_args)
+        self._fixed: list | None = None  # inside fixed_weights(): [] or [the first fused pass's arguments]
         self.max_seq_len = 0
 
     def reset_rotary(self) -> None:
@@ -83,6 +86,8 @@ class Transformer(torch.nn.Module):
         """Allocate the latent caches of the main layers and of every MTP module."""
         cfg, p = self.cfg, self.norm.weight
         self.max_seq_len = max_seq_len
+        if self._fixed:
+            self._fixed.clear()  # the fused arguments name the old caches
         for block in [*self.layers, *(m.block for m in self.mtp)]:
             block.attn.cache = LatentCache(max_batch, max_seq_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
                                            p.dtype, p.device)
@@ -122,10 +127,10 @@ class Transformer(torch.nn.Module):
         the static step (see `decode_step`).
         """
         x = self.embed(tokens)
-        freqs, mask = self.attention_inputs(tokens, start_pos)
         fused = self.fused_layers(x, start_pos)  # CPU decode and verification: every layer in one call
         if fused is not None:
             return self.norm(fused)
+        freqs, mask = self.attention_inputs(tokens, start_pos)
         for block in self.layers:
             x = block(x, self.rotary, freqs, start_pos, mask)
         return self.norm(x)
@@ -136,6 +141,46 @@ class Transformer(torch.nn.Module):
         fused path does not apply. The routers' bookkeeping (load, observers, windows) follows the call."""
         if not isinstance(start_pos, int) or torch.compiler.is_compiling():
             return None
+        fixed = self._fixed
+        if fixed:  # inside fixed_weights(), after its first fused pass: only what depends on x is checked
+            if start_pos <= 0 or x.shape[0] != 1 or not decode_shaped(x):
+                return None
+            if start_pos + x.shape[1] > self.max_seq_len:
+                raise ValueError(f"context full: position {start_pos + x.shape[1]} exceeds the cache of "
+                                 f"{self.max_seq_len} tokens")
+            (w, ints, floats, top_k, E), kvs = fixed
+        else:
+            joined = self._checked_args(x, start_pos)
+            if joined is None:
+                return None
+            (w, ints, floats, top_k, E), kvs = joined
+            if fixed is not None:
+                fixed[:] = joined
+        cos, sin = self.rotary.rows(start_pos, x.shape[1])
+        y, ids, scores = torch.ops.moedesk.layers_decode(x[0], w, ints, floats, kvs, cos, sin, start_pos, top_k, E)
+        for j, b in enumerate(self.layers):
+            r = getattr(b.ffn, "router", None)
+            if r is not None and (r.load is not None or r.observe is not None or r.windows is not None):
+                r.record(scores[j], ids[j])
+        return y[None].to(x.dtype)
+
+    @contextmanager
+    def fixed_weights(self):
+        """Within it the weights and router settings stay as they are (one request's decoding): the fused
+        CPU path checks every layer's kernel arguments at its first pass and reuses them after, where it
+        checked them at every pass (a quarter of a bundled-model step). Nested uses share the outer one."""
+        if self._fixed is not None:
+            yield
+            return
+        self._fixed = []
+        try:
+            yield
+        finally:
+            self._fixed = None
+
+    def _checked_args(self, x: torch.Tensor, start_pos: int) -> tuple | None:
+        """(layers_decode's joined arguments, the caches) for x at start_pos, each block's checked and made
+        again where its weights changed; None where a block's fused path does not apply."""
         parts = []
         for b in self.layers:
             attn = b.attn.fused_args_for(x, b.attn_norm, self.rotary, start_pos)
@@ -145,13 +190,7 @@ class Transformer(torch.nn.Module):
             parts.append(attn)
             parts.append(ffn)
         kvs = [b.attn.cache.kv for b in self.layers]
-        w, ints, floats, top_k, E = self._joined_args(parts, kvs)
-        cos, sin = self.rotary.rows(start_pos, x.shape[1])
-        y, ids, scores = torch.ops.moedesk.layers_decode(x[0], w, ints, floats, kvs, cos, sin, start_pos, top_k, E)
-        for j, b in enumerate(self.layers):
-            if isinstance(b.ffn, MoE):
-                b.ffn.router.record(scores[j], ids[j])
-        return y[None].to(x.dtype)
+        return self._joined_args(parts, kvs), kvs
 
     def _joined_args(self, parts: list, kvs: list) -> tuple:
         """The blocks' kernel arguments laid end to end (layers_decode's layout), made again when any

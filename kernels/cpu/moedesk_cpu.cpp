@@ -19,17 +19,136 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
 
 namespace {
+
+// ---- a team of threads that stays awake through a whole pass ----------------------------------------
+//
+// layers_decode runs its layers on thread 0 of one OpenMP region and the other threads wait on a Team,
+// spinning, for the slices of each product and of the attention heads. Handing a slice over costs a
+// fraction of a microsecond, against a few microseconds to open a parallel region per product, so the
+// bundled model's small products (8-100 KB) split across threads too: one region per pass instead of
+// about 12 per layer, with the second thread no longer idle through the small ones.
+inline void relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+class Team {
+ public:
+  explicit Team(int size) : size_(size) {}
+  int size() const { return size_; }
+
+  // f(lo, hi) on the team's slices of [0, n), cut at multiples of align; the caller (thread 0) runs the
+  // first slice and returns when every slice is done.
+  template <class F>
+  void split(int64_t n, int64_t align, F& f) {
+    n_ = n;
+    align_ = align;
+    bounds_ = nullptr;
+    go(f);
+  }
+
+  // f(bounds[i], bounds[i + 1]) on thread i (bounds: size() + 1 entries).
+  template <class F>
+  void split_at(const int64_t* bounds, F& f) {
+    bounds_ = bounds;
+    go(f);
+  }
+
+  // Whether a split is running: work inside one runs on its thread (no nested splits).
+  bool busy() const { return busy_; }
+
+  // Threads 1.. : take every split's slice until stop().
+  void serve(int tid) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t g;
+      while ((g = gen_.load(std::memory_order_acquire)) == seen) {
+        if (stop_.load(std::memory_order_acquire)) return;
+        relax();
+      }
+      seen = g;
+      run(tid);
+      left_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void stop() { stop_.store(true, std::memory_order_release); }
+
+ private:
+  template <class F>
+  void go(F& f) {
+    using Fn = std::remove_reference_t<F>;
+    call_ = [](void* c, int64_t lo, int64_t hi) { (*static_cast<Fn*>(c))(lo, hi); };
+    ctx_ = static_cast<void*>(&f);
+    busy_ = true;
+    left_.store(size_ - 1, std::memory_order_relaxed);
+    gen_.fetch_add(1, std::memory_order_release);
+    run(0);
+    while (left_.load(std::memory_order_acquire) != 0) relax();
+    busy_ = false;
+  }
+
+  void run(int tid) {
+    if (bounds_) {
+      if (bounds_[tid] < bounds_[tid + 1]) call_(ctx_, bounds_[tid], bounds_[tid + 1]);
+      return;
+    }
+    const int64_t units = (n_ + align_ - 1) / align_, per = units / size_, extra = units % size_;
+    const int64_t u0 = tid * per + std::min<int64_t>(tid, extra), u1 = u0 + per + (tid < extra ? 1 : 0);
+    const int64_t lo = std::min(n_, u0 * align_), hi = std::min(n_, u1 * align_);
+    if (lo < hi) call_(ctx_, lo, hi);
+  }
+
+  const int size_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> left_{0};
+  std::atomic<bool> stop_{false};
+  void (*call_)(void*, int64_t, int64_t) = nullptr;
+  void* ctx_ = nullptr;
+  int64_t n_ = 0, align_ = 1;
+  const int64_t* bounds_ = nullptr;
+  bool busy_ = false;  // written by thread 0 only, read by the threads inside a split
+};
+
+bool g_teams = true;     // whether layers_decode runs on a team (set_team: off for A/B and tests)
+Team* g_team = nullptr;  // the team of the pass that is running, if any (only thread 0 reads it)
+constexpr int64_t TEAM_BYTES = 4 * 1024;  // on a team, smaller weights stay on thread 0
+
+// f(lo, hi) over [0, n): on the running team when there is one and the work is worth a hand-off (work:
+// bytes read), else on ATen's pool above parallel_bytes with slices of at least grain.
+template <class F>
+void parallel(int64_t n, int64_t grain, int64_t align, int64_t work, int64_t parallel_bytes, F&& f) {
+  if (g_team && g_team->busy()) {
+    f(int64_t{0}, n);
+  } else if (g_team && g_team->size() > 1 && work >= TEAM_BYTES && n >= 2 * align) {
+    g_team->split(n, align, f);
+  } else if (g_team || work < parallel_bytes) {
+    f(int64_t{0}, n);
+  } else {
+    at::parallel_for(0, n, grain, f);
+  }
+}
 
 // The instruction set the products use: the best this build has, or lower when set_isa asks (the tests
 // run the AVX2 paths on an AVX-512 machine that way). Workstations without AVX-512 (most desktop Zen 2/3
@@ -235,11 +354,13 @@ struct Weight {
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
     if (level >= AVX2) {  // 16 ymm registers: fewer weight rows per block than AVX-512's 32 zmm
-      if (xb && fmt == I8)
+      // xb is AVX2's int16/int8 only where madd() chose it; an AVX-512 pass left here by an odd K has bf16
+      // in xb, and reads x (fp32) below
+      if (xb && madd() && fmt == I8)
         return blocks<8, 2, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
           madd_rows<R, MB>(reinterpret_cast<const int16_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0);
         });
-      if (xb && fmt == I4)
+      if (xb && madd() && fmt == I4)
         return blocks<8, 1, 2>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {  // xb: int8, reordered
           nibble_madd_rows<R, MB>(reinterpret_cast<const int8_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0);
         });
@@ -649,9 +770,9 @@ struct Weight {
 
   // y [M, N] = x [M, K] · Wᵀ, M <= 16; xb: x rounded to bf16 (the weight-only formats' activations), or null.
   void product(const float* x, const uint16_t* xb, int64_t M, float* y) const {
-    const int64_t bytes = N * row_bytes();
-    const int64_t grain = bytes < PARALLEL_BYTES ? N : std::max<int64_t>(8, N / (4 * at::get_num_threads()));
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { rows(x, fp32_activations() ? nullptr : xb, M, n0, n1, y, N); });
+    const int64_t grain = std::max<int64_t>(8, N / (4 * at::get_num_threads()));
+    parallel(N, grain, 16, N * row_bytes(), PARALLEL_BYTES,
+             [&](int64_t n0, int64_t n1) { rows(x, fp32_activations() ? nullptr : xb, M, n0, n1, y, N); });
   }
 
   // Expert e of a stacked [E, N, K] weight.
@@ -964,36 +1085,97 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sc
   return y.view(shape);
 }
 
-// y[m] += Σ_j wts[m, j] · expert_{ids[m, j]}(x[m]) for M rows: every chosen expert once, in order.
-void moe_accumulate(const float* xp, int64_t M, const int64_t* ip, const float* wp, int64_t k, Weight& gate_up,
-                    Weight& down, float* yp) {
-  const int64_t E = gate_up.count, H = gate_up.K, I2 = gate_up.N, I = I2 / 2;
-  std::vector<float> xs(M * H), h(M * I2), a(M * I), ye(M * H);
-  std::vector<int64_t> rows;
-  std::vector<float> gains;
-  for (int64_t e = 0; e < E; ++e) {
-    rows.clear();
-    gains.clear();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < k; ++j)
-        if (ip[m * k + j] == e) {
-          rows.push_back(m);
-          gains.push_back(wp[m * k + j]);
-        }
-    if (rows.empty()) continue;
-    const int64_t r = static_cast<int64_t>(rows.size());
-    for (int64_t i = 0; i < r; ++i) std::memcpy(&xs[i * H], xp + rows[i] * H, H * 4);
-    Weight gu = gate_up.expert(e), dn = down.expert(e);
-    std::vector<float> xsum, asum;
-    std::vector<uint16_t> xsb = activations(xs.data(), r, H, gu, xsum);
-    gu.product(xs.data(), xsb.empty() ? nullptr : xsb.data(), r, h.data());
-    for (int64_t i = 0; i < r; ++i) silu_mul(&h[i * I2], &h[i * I2 + I], &a[i * I], I);
-    std::vector<uint16_t> ab = activations(a.data(), r, I, dn, asum);
-    dn.product(a.data(), ab.empty() ? nullptr : ab.data(), r, ye.data());
-    for (int64_t i = 0; i < r; ++i)
-      for (int64_t c = 0; c < H; ++c) yp[rows[i] * H + c] += gains[i] * ye[i * H + c];
+// Pieces of work that each write their own output (an expert's rows, the shared experts), run across the
+// team at once where they split evenly by bytes (the bundled model's step: its two chosen experts and the
+// shared ones, one hand-off instead of one per product), else one after another with their products
+// split. Either way every output is the same, and the caller adds them up in a fixed order.
+struct Task {
+  int64_t bytes;
+  std::function<void()> run;
+};
+
+void run_tasks(std::vector<Task>& tasks) {
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  auto each = [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) tasks[i].run();
+  };
+  Team* team = g_team;
+  if (team && !team->busy() && n >= team->size()) {
+    // contiguous shares by bytes: a task goes to thread i while its middle lies before (i + 1) / size
+    // of the total
+    const int size = team->size();
+    int64_t total = 0, acc = 0, worst = 0;
+    for (auto& t : tasks) total += t.bytes;
+    std::vector<int64_t> bounds(size + 1, n);
+    bounds[0] = 0;
+    for (int i = 1, j = 0; i < size; ++i) {
+      while (j < n && size * (2 * acc + tasks[j].bytes) <= 2 * total * i) acc += tasks[j++].bytes;
+      bounds[i] = j;
+    }
+    for (int i = 0; i < size; ++i) {
+      int64_t share = 0;
+      for (int64_t j = bounds[i]; j < bounds[i + 1]; ++j) share += tasks[j].bytes;
+      worst = std::max(worst, share);
+    }
+    if (4 * worst * size <= 5 * total) {  // within 25% of an even split
+      team->split_at(bounds.data(), each);
+      return;
+    }
   }
+  each(0, n);
 }
+
+// One expert for its r rows: ye [r, H] = down_e · (silu(gate_e · xs) * (up_e · xs)), xs [r, H].
+void expert_rows(const float* xs, int64_t r, const Weight& gu, const Weight& dn, float* ye) {
+  const int64_t I2 = gu.N, I = I2 / 2;
+  std::vector<float> h(r * I2), a(r * I), xsum, asum;
+  Weight g = gu, d = dn;
+  std::vector<uint16_t> xsb = activations(xs, r, g.K, g, xsum);
+  g.product(xs, xsb.empty() ? nullptr : xsb.data(), r, h.data());
+  for (int64_t i = 0; i < r; ++i) silu_mul(&h[i * I2], &h[i * I2 + I], &a[i * I], I);
+  std::vector<uint16_t> ab = activations(a.data(), r, I, d, asum);
+  d.product(a.data(), ab.empty() ? nullptr : ab.data(), r, ye);
+}
+
+// The routed experts' work for M rows (ids ip [M, k], weights wp [M, k]), as tasks, with what adds it up.
+struct RoutedWork {
+  struct Part {
+    std::vector<int64_t> rows;
+    std::vector<float> gains, xs, ye;
+  };
+  std::vector<Part> parts;  // the chosen experts in order
+  int64_t H = 0;
+
+  RoutedWork(const float* xp, int64_t M, const int64_t* ip, const float* wp, int64_t k, const Weight& gate_up,
+             const Weight& down, std::vector<Task>& tasks) : H(gate_up.K) {
+    parts.reserve(gate_up.count);
+    for (int64_t e = 0; e < gate_up.count; ++e) {
+      Part p;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < k; ++j)
+          if (ip[m * k + j] == e) {
+            p.rows.push_back(m);
+            p.gains.push_back(wp[m * k + j]);
+          }
+      if (p.rows.empty()) continue;
+      const int64_t r = static_cast<int64_t>(p.rows.size());
+      p.xs.resize(r * H);
+      p.ye.resize(r * H);
+      for (int64_t i = 0; i < r; ++i) std::memcpy(&p.xs[i * H], xp + p.rows[i] * H, H * 4);
+      parts.push_back(std::move(p));
+      Part* q = &parts.back();
+      Weight gu = gate_up.expert(e), dn = down.expert(e);
+      tasks.push_back({(gu.N + dn.N) * gu.row_bytes(), [q, r, gu, dn] { expert_rows(q->xs.data(), r, gu, dn, q->ye.data()); }});
+    }
+  }
+
+  // y[m] += Σ_j wts[m, j] · expert_{ids[m, j]}(x[m]): every chosen expert in order.
+  void add_to(float* yp) const {
+    for (const Part& p : parts)
+      for (size_t i = 0; i < p.rows.size(); ++i)
+        for (int64_t c = 0; c < H; ++c) yp[p.rows[i] * H + c] += p.gains[i] * p.ye[i * H + c];
+  }
+};
 
 at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& gu_q,
                const at::Tensor& gu_s, const at::Tensor& gu_z, const at::Tensor& dn_q, const at::Tensor& dn_s,
@@ -1009,8 +1191,10 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& wei
   Weight gate_up = weight_of(gu_q, gu_s, gu_z, fmt, group, I2, H);
   Weight down = weight_of(dn_q, dn_s, dn_z, fmt, group, H, I);
   at::Tensor y = at::zeros({M, H}, x.options().dtype(at::kFloat));
-  moe_accumulate(xf.data_ptr<float>(), M, id.data_ptr<int64_t>(), wt.data_ptr<float>(), k, gate_up, down,
-                 y.data_ptr<float>());
+  std::vector<Task> tasks;
+  RoutedWork routed(xf.data_ptr<float>(), M, id.data_ptr<int64_t>(), wt.data_ptr<float>(), k, gate_up, down, tasks);
+  run_tasks(tasks);
+  routed.add_to(y.data_ptr<float>());
   return y.view(x.sizes());
 }
 
@@ -1110,7 +1294,7 @@ void mla_layer(float* x, int64_t T, int64_t H, const at::Tensor* t, const int64_
   Weight wk = weight_of(t[12], at::Tensor(), at::Tensor(), abs_fmt, 0, C, nope);  // fp32 or bf16: no scales
   Weight wv = weight_of(t[13], at::Tensor(), at::Tensor(), abs_fmt, 0, V, C);
   std::vector<float> ql(nh * T * (C + R)), ol(nh * T * C), out(T * nh * V);
-  at::parallel_for(0, nh, 1, [&](int64_t h0, int64_t h1) {
+  parallel(nh, 1, 1, nh * S * (C + R) * esz, 0, [&](int64_t h0, int64_t h1) {
     std::vector<float> xs(T * std::max(nope, C)), ys(T * std::max(C, V)), row(C + R), sc(S);
     for (int64_t hd = h0; hd < h1; ++hd) {
       for (int64_t i = 0; i < T; ++i) std::memcpy(&xs[i * nope], &q[(i * nh + hd) * D], nope * 4);
@@ -1152,6 +1336,7 @@ at::Tensor mla_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef int
   TORCH_CHECK(w.size() == 17 && ints.size() == 17, "moedesk.mla_decode: 17 tensors and 17 ints expected");
   at::Tensor res = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous().clone();
   at::Tensor cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
+  TORCH_CHECK(cf.dim() == 2 && cf.size(0) == res.size(0) && sf.sizes() == cf.sizes(), "moedesk.mla_decode: cos, sin [T, R/2]");
   mla_layer(res.data_ptr<float>(), res.size(0), res.size(1), w.data(), ints.data(), floats.data(), kv,
             cf.data_ptr<float>(), sf.data_ptr<float>());
   return res.view(x.sizes());
@@ -1235,22 +1420,33 @@ void moe_layer(float* x, int64_t T, int64_t H, const at::Tensor* t, const int64_
         g = (norm_topk ? g / (sum + 1e-20f) : g) * scaling;
     }
   }
-  std::vector<float> y(T * H, 0.f);
+  std::vector<float> y(T * H, 0.f), ys;
+  std::vector<Task> tasks;
+  std::unique_ptr<RoutedWork> routed;
   if (top_k) {
     Weight gate_up = weight_of(t[3], t[4], t[5], fmt, group, t[3].size(1), in_features(t[3], fmt));
     Weight down = weight_of(t[6], t[7], t[8], fmt, group, H, in_features(t[6], fmt));
-    moe_accumulate(h.data(), T, ip, gains.data(), top_k, gate_up, down, y.data());
+    routed = std::make_unique<RoutedWork>(h.data(), T, ip, gains.data(), top_k, gate_up, down, tasks);
   }
+  std::unique_ptr<Lin> gate, up, dn;
   if (shared) {
-    Lin gate(t, 9, ints[10], ints[11]), up(t, 12, ints[12], ints[13]), dn(t, 15, ints[14], ints[15]);
-    const int64_t I = gate.w.N;
-    std::vector<float> g(T * I), u(T * I), ys(T * H);
-    gate(h.data(), T, g.data());
-    up(h.data(), T, u.data());
-    silu_mul(g.data(), u.data(), g.data(), T * I);
-    dn(g.data(), T, ys.data());
-    for (int64_t i = 0; i < T * H; ++i) y[i] += ys[i];
+    gate = std::make_unique<Lin>(t, 9, ints[10], ints[11]);
+    up = std::make_unique<Lin>(t, 12, ints[12], ints[13]);
+    dn = std::make_unique<Lin>(t, 15, ints[14], ints[15]);
+    ys.resize(T * H);
+    const int64_t bytes = (gate->w.N + up->w.N) * gate->w.row_bytes() + dn->w.N * dn->w.row_bytes();
+    tasks.push_back({bytes, [&] {
+      const int64_t I = gate->w.N;
+      std::vector<float> g(T * I), u(T * I);
+      (*gate)(h.data(), T, g.data());
+      (*up)(h.data(), T, u.data());
+      silu_mul(g.data(), u.data(), g.data(), T * I);
+      (*dn)(g.data(), T, ys.data());
+    }});
   }
+  run_tasks(tasks);
+  if (routed) routed->add_to(y.data());
+  for (int64_t i = 0; i < T * H && shared; ++i) y[i] += ys[i];
   for (int64_t i = 0; i < T * H; ++i) x[i] += y[i];
 }
 
@@ -1280,7 +1476,9 @@ std::vector<at::Tensor> layers_decode(const at::Tensor& x, at::TensorList w, at:
   at::Tensor res = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous().clone();
   const int64_t T = res.size(0), H = res.size(1);
   at::Tensor cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
+  TORCH_CHECK(cf.dim() == 2 && cf.size(0) == T && sf.sizes() == cf.sizes(), "moedesk.layers_decode: cos, sin [T, R/2]");
   at::Tensor ids = at::full({L, T, top_k}, -1, res.options().dtype(at::kLong)), scores = at::zeros({L, T, E}, res.options());
+  auto pass = [&] {
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* t = w.data() + 35 * l;
     std::vector<int64_t> in(ints.begin() + 33 * l, ints.begin() + 33 * (l + 1));
@@ -1293,6 +1491,31 @@ std::vector<at::Tensor> layers_decode(const at::Tensor& x, at::TensorList w, at:
     moe_layer(res.data_ptr<float>(), T, H, t + 17, in.data() + 17, fl + 2, ids[l].data_ptr<int64_t>(),
               scores[l].data_ptr<float>());
   }
+  };
+  const int threads = at::get_num_threads();
+  if (threads < 2 || g_team || !g_teams) {
+    pass();
+    return {res.view(x.sizes()), ids, scores};
+  }
+  // One region for the whole pass: thread 0 runs the layers, the others serve its splits (Team).
+  Team team(threads);
+  std::exception_ptr failed;
+#pragma omp parallel num_threads(threads)
+  {
+    if (omp_get_thread_num() == 0) {
+      if (omp_get_num_threads() == threads) g_team = &team;  // else (fewer threads granted) no team
+      try {
+        pass();
+      } catch (...) {
+        failed = std::current_exception();
+      }
+      g_team = nullptr;
+      team.stop();
+    } else if (omp_get_num_threads() == threads) {
+      team.serve(omp_get_thread_num());
+    }
+  }
+  if (failed) std::rethrow_exception(failed);
   return {res.view(x.sizes()), ids, scores};
 }
 
@@ -1303,10 +1526,17 @@ int64_t set_isa(int64_t level) {
   return g_isa;
 }
 
+// Whether passes run on a team (1) or open ATen's regions per product (0); -1 asks. Returns the setting.
+int64_t set_team(int64_t on) {
+  if (on >= 0) g_teams = on != 0;
+  return g_teams ? 1 : 0;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moedesk, m) {
   m.def("set_isa(int level) -> int");
+  m.def("set_team(int on) -> int");
   m.def("linear(Tensor x, Tensor q, Tensor scale, Tensor zero, int fmt, int group) -> Tensor");
   m.def("moe_ffn(Tensor x, Tensor[] w, int[] ints, float[] floats) -> Tensor[]");
   m.def("mla_decode(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!) kv, Tensor cos, Tensor sin) -> Tensor");
@@ -1324,4 +1554,6 @@ TORCH_LIBRARY_IMPL(moedesk, CPU, m) {
   m.impl("layers_decode", &layers_decode);
 }
 
-TORCH_LIBRARY_IMPL(moedesk, CatchAll, m) { m.impl("set_isa", &set_isa); }
+TORCH_LIBRARY_IMPL(moedesk, CatchAll, m) { m.impl("set_isa", &set_isa);
+  m.impl("set_team", &set_team);
+}
