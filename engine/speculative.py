@@ -112,8 +112,7 @@ class MTPDrafter:
         """MTP module `depth` over positions start.. → (hidden states, logits [V] of the last position)."""
         if self.static:
             return cuda_graphs.mtp_step(self.model, depth, hidden, ids, start)
-        h = self.model.mtp_forward(depth, hidden, ids, start)
-        return h, self.model.mtp_logits(depth, h[:, -1])[0]
+        return self.model.mtp_draft(depth, hidden, ids, start)
 
     def _propose(self, logits, picker: TokenPicker, drafts: list, qs: list) -> None:
         if self.resident:

@@ -2,6 +2,8 @@
 under every instruction set the build has (AVX-512, AVX2, plain C++: `moedesk::set_isa` lowers it)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -183,7 +185,7 @@ def test_the_engine_uses_the_kernels_and_can_do_without(monkeypatch):
     assert calls and torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
 
 
-def small_model(variant: str, seed: int, **config):
+def small_model(variant: str, seed: int, n_mtp: int = 0, **config):
     """A tiny random model in the variant's weights (fp32, bf16, int8, int4), router biases random."""
     from engine.model.config import parse_config
     from engine.model.transformer import Transformer
@@ -191,7 +193,7 @@ def small_model(variant: str, seed: int, **config):
     from engine.routing import Router
     from engine.tiny import tiny_config
 
-    model = Transformer(parse_config(tiny_config(**config)))
+    model = Transformer(parse_config(tiny_config(**config)), n_mtp=n_mtp)
     model.init_weights(seed=seed, std=0.1)
     g = torch.Generator().manual_seed(seed + 1)
     for m in model.modules():
@@ -339,3 +341,29 @@ def test_a_team_pass_equals_a_pass_on_per_product_regions():
         finally:
             torch.ops.moedesk.set_team(1)
     assert all(torch.equal(a, b) for a, b in zip(out[1], out[0]))
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_an_mtp_depth_in_one_call_equals_its_modules(variant):
+    """moedesk::mtp_decode (enorm, hnorm, eh_proj, the block, head_norm and head in one call) gives the
+    hidden states and draft logits of the MTP modules run one by one, catch-up passes of several
+    positions and single drafts alike, inside fixed_weights() too; the drafts (argmax) are the same."""
+    model = small_model(variant, 13, n_mtp=2, first_k_dense_replace=1, n_shared_experts=1)
+    g = torch.Generator().manual_seed(14)
+    with torch.inference_mode():
+        model.setup_caches(1, 40)
+        hidden = torch.randn(1, 40, model.cfg.hidden_size, generator=g)
+        for d in range(2):
+            model.mtp_forward(d, hidden[:, :10], torch.randint(2, 96, (1, 10), generator=g), 0)
+        for fixed in (False, True):
+            with model.fixed_weights() if fixed else contextlib.nullcontext():
+                for start, T in ((10, 4), (14, 1), (15, 1), (16, 3)):
+                    for d in range(2):
+                        ids = torch.randint(2, 96, (1, T), generator=g)
+                        want_h = model.mtp_forward(d, hidden[:, start:start + T], ids, start)
+                        want = model.mtp_logits(d, want_h[:, -1])[0]
+                        got_h, got = model.fused_mtp(d, hidden[:, start:start + T], ids, start)  # not None
+                        assert got_h.shape == want_h.shape and got.shape == want.shape
+                        tol = 1e-5 * max(1.0, want.abs().max().item())
+                        assert (got_h - want_h).abs().max() <= tol and (got - want).abs().max() <= tol, (d, start)
+                        assert int(got.argmax()) == int(want.argmax())

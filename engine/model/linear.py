@@ -76,9 +76,13 @@ class Linear(torch.nn.Linear):
             if torch.compiler.is_compiling():  # a traced step reads the weight as stored (no host checks)
                 w, fmt = self.weight, CPU_FORMATS[self.weight.dtype]
             else:
-                w, fmt = self._fused.get(self, None, lambda: ([self.weight], kernel_dense(self.weight)))
+                w, fmt = self.kernel_weight()
             return torch.ops.moedesk.linear(x, w, cpu.empty(), cpu.empty(), fmt, 0).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
+
+    def kernel_weight(self) -> tuple[torch.Tensor, int]:
+        """The weight as the kernels read it (kernel_dense), kept until it changes: one copy whoever asks."""
+        return self._fused.get(self, None, lambda: ([self.weight], kernel_dense(self.weight)))
 
 
 def cpu_weight(module: torch.nn.Module) -> tuple | None:
@@ -86,7 +90,7 @@ def cpu_weight(module: torch.nn.Module) -> tuple | None:
     they do not read, e.g. FP8)."""
     e = cpu.empty()
     if isinstance(module, torch.nn.Linear) and module.bias is None and module.weight.dtype in CPU_FORMATS:
-        w, fmt = kernel_dense(module.weight)
+        w, fmt = module.kernel_weight() if isinstance(module, Linear) else kernel_dense(module.weight)
         return (w, e, e), fmt, 0
     spec = getattr(module, "spec", None)
     if spec is not None and spec.fmt in ("int8", "int4") and hasattr(module, "qweight"):

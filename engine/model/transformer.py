@@ -10,7 +10,7 @@ from engine.model.config import ModelConfig
 from engine.model.moe import MLP, MoE
 from engine.model.rope import RotaryEmbedding
 from engine.routing import Router
-from engine.model.linear import Linear, decode_shaped
+from engine.model.linear import FusedArgs, Linear, cpu_weight, decode_shaped, own_weights
 
 
 def positions_of(tokens: torch.Tensor, start_pos: int | torch.Tensor | None) -> torch.Tensor:
@@ -51,6 +51,7 @@ class MTPModule(torch.nn.Module):
         self.head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed: torch.nn.Embedding | None = None
         self.head: torch.nn.Linear | None = None
+        self._fused = FusedArgs()  # the norms, eh_proj and head as moedesk::mtp_decode takes them
 
     def forward(self, hidden, next_tokens, main: "Transformer", freqs, start_pos, mask=None):
         """hidden [B, T, H] of the previous depth at positions i, next_tokens [B, T] = tokens i+depth
@@ -61,6 +62,21 @@ class MTPModule(torch.nn.Module):
 
     def logits(self, hidden: torch.Tensor, main: "Transformer") -> torch.Tensor:
         return (self.head or main.head)(self.head_norm(hidden)).float()
+
+    def head_args(self, main: "Transformer") -> tuple | None:
+        """(tensors, ints) of mtp_decode's input and output parts (enorm, hnorm, eh_proj, head_norm, head),
+        or None where the kernel lacks a weight's format."""
+        head = self.head or main.head
+        return self._fused.get(self, head, lambda: self._head_args(head))
+
+    def _head_args(self, head: torch.nn.Module):
+        norms = (self.enorm, self.hnorm, self.head_norm)
+        sources = [n.weight for n in norms] + own_weights(self.eh_proj) + own_weights(head)
+        eh, out = cpu_weight(self.eh_proj), cpu_weight(head)
+        if eh is None or out is None:
+            return sources, None
+        f32 = [n.weight.detach().float().contiguous() for n in norms]
+        return sources, ([f32[0], f32[1], *eh[0], f32[2], *out[0]], [eh[1], eh[2], out[1], out[2]])
 
 
 class Transformer(torch.nn.Module):
@@ -73,8 +89,8 @@ class Transformer(torch.nn.Module):
         self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = torch.nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + i) for i in range(n_mtp))
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.rope_interleave)
-        self._joined = None  # layers_decode's arguments and what they were made of (_joined_args)
-        self._fixed: list | None = None  # inside fixed_weights(): [] or [the first fused pass's arguments]
+        self._joined: dict = {}  # stack ("main" or an MTP depth) → (what its arguments were made of, them)
+        self._fixed: dict | None = None  # inside fixed_weights(): stack → its first fused pass's arguments
         self.max_seq_len = 0
 
     def reset_rotary(self) -> None:
@@ -139,30 +155,58 @@ class Transformer(torch.nn.Module):
         """x [1, T, H] through every block in one call of moedesk's CPU kernel (moedesk::layers_decode: each
         block's fused attention and feed-forward, no Python between layers), or None where a block's
         fused path does not apply. The routers' bookkeeping (load, observers, windows) follows the call."""
+        args = self._pass_args("main", self.layers, x, start_pos)
+        if args is None:
+            return None
+        (w, ints, floats, top_k, E), kvs = args
+        cos, sin = self.rotary.rows(start_pos, x.shape[1])
+        y, ids, scores = torch.ops.moedesk.layers_decode(x[0], w, ints, floats, kvs, cos, sin, start_pos, top_k, E)
+        self._record(self.layers, ids, scores)
+        return y[None].to(x.dtype)
+
+    def fused_mtp(self, depth: int, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos):
+        """MTP module `depth` over a few positions in one call of moedesk::mtp_decode (its norms, eh_proj,
+        block, head_norm and head) → (hidden states [1, T, H], logits [V] fp32 of the last position), or
+        None where the fused path does not apply (see fused_layers)."""
+        module = self.mtp[depth]
+        emb = (module.embed or self.embed)(next_tokens)
+        args = self._pass_args(depth, [module.block], emb, start_pos)
+        head = module.head_args(self) if args is not None else None
+        if head is None:
+            return None
+        (w, ints, floats, top_k, E), kvs = args
+        cos, sin = self.rotary.rows(start_pos, emb.shape[1])
+        h, logits, ids, scores = torch.ops.moedesk.mtp_decode(emb[0], hidden[0], *head, module.enorm.eps, w, ints,
+                                                              floats, kvs, cos, sin, start_pos, top_k, E)
+        self._record([module.block], ids, scores)
+        return h[None].to(hidden.dtype), logits
+
+    @staticmethod
+    def _record(blocks, ids: torch.Tensor, scores: torch.Tensor) -> None:
+        """The routers' bookkeeping of a fused pass, for those that keep any (load, observers, windows)."""
+        for j, b in enumerate(blocks):
+            r = getattr(b.ffn, "router", None)
+            if r is not None and (r.load is not None or r.observe is not None or r.windows is not None):
+                r.record(scores[j], ids[j])
+
+    def _pass_args(self, stack, blocks, x: torch.Tensor, start_pos) -> tuple | None:
+        """(the joined kernel arguments of blocks, their caches) for x at start_pos, or None where the fused
+        path does not apply. Inside fixed_weights(), after the stack's first fused pass, only what depends
+        on x is checked."""
         if not isinstance(start_pos, int) or torch.compiler.is_compiling():
             return None
         fixed = self._fixed
-        if fixed:  # inside fixed_weights(), after its first fused pass: only what depends on x is checked
+        if fixed and stack in fixed:
             if start_pos <= 0 or x.shape[0] != 1 or not decode_shaped(x):
                 return None
             if start_pos + x.shape[1] > self.max_seq_len:
                 raise ValueError(f"context full: position {start_pos + x.shape[1]} exceeds the cache of "
                                  f"{self.max_seq_len} tokens")
-            (w, ints, floats, top_k, E), kvs = fixed
-        else:
-            joined = self._checked_args(x, start_pos)
-            if joined is None:
-                return None
-            (w, ints, floats, top_k, E), kvs = joined
-            if fixed is not None:
-                fixed[:] = joined
-        cos, sin = self.rotary.rows(start_pos, x.shape[1])
-        y, ids, scores = torch.ops.moedesk.layers_decode(x[0], w, ints, floats, kvs, cos, sin, start_pos, top_k, E)
-        for j, b in enumerate(self.layers):
-            r = getattr(b.ffn, "router", None)
-            if r is not None and (r.load is not None or r.observe is not None or r.windows is not None):
-                r.record(scores[j], ids[j])
-        return y[None].to(x.dtype)
+            return fixed[stack]
+        joined = self._checked_args(stack, blocks, x, start_pos)
+        if joined is not None and fixed is not None:
+            fixed[stack] = joined
+        return joined
 
     @contextmanager
     def fixed_weights(self):
@@ -172,39 +216,39 @@ class Transformer(torch.nn.Module):
         if self._fixed is not None:
             yield
             return
-        self._fixed = []
+        self._fixed = {}
         try:
             yield
         finally:
             self._fixed = None
 
-    def _checked_args(self, x: torch.Tensor, start_pos: int) -> tuple | None:
+    def _checked_args(self, stack, blocks, x: torch.Tensor, start_pos: int) -> tuple | None:
         """(layers_decode's joined arguments, the caches) for x at start_pos, each block's checked and made
         again where its weights changed; None where a block's fused path does not apply."""
         parts = []
-        for b in self.layers:
+        for b in blocks:
             attn = b.attn.fused_args_for(x, b.attn_norm, self.rotary, start_pos)
             ffn = b.ffn.fused_args_for(x, b.ffn_norm) if attn is not None else None
             if ffn is None:
                 return None
             parts.append(attn)
             parts.append(ffn)
-        kvs = [b.attn.cache.kv for b in self.layers]
-        return self._joined_args(parts, kvs), kvs
+        kvs = [b.attn.cache.kv for b in blocks]
+        return self._joined_args(stack, blocks, parts, kvs), kvs
 
-    def _joined_args(self, parts: list, kvs: list) -> tuple:
+    def _joined_args(self, stack, blocks, parts: list, kvs: list) -> tuple:
         """The blocks' kernel arguments laid end to end (layers_decode's layout), made again when any
         block's arguments or cache changed (each block's FusedArgs keeps the same objects otherwise)."""
-        key, seen = parts + kvs, self._joined
+        key, seen = parts + kvs, self._joined.get(stack)
         if seen is None or len(seen[0]) != len(key) or any(a is not b for a, b in zip(seen[0], key)):
             w, ints, floats = [], [], []
             for attn, ffn in zip(parts[::2], parts[1::2]):
                 w += attn[0] + ffn[0]
                 ints += [0] + attn[1] + ffn[1]  # the attention's start, set by the kernel
                 floats += attn[2] + ffn[2]
-            routers = [b.ffn.router for b in self.layers if isinstance(b.ffn, MoE)]
+            routers = [b.ffn.router for b in blocks if isinstance(b.ffn, MoE)]
             top_k, E = (routers[0].top_k, routers[0].n_experts) if routers else (0, 0)
-            seen = self._joined = (key, (w, ints, floats, top_k, E))
+            seen = self._joined[stack] = (key, (w, ints, floats, top_k, E))
         return seen[1]
 
     def attention_inputs(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None):
@@ -232,6 +276,15 @@ class Transformer(torch.nn.Module):
 
     def mtp_logits(self, depth: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.mtp[depth].logits(hidden, self)
+
+    def mtp_draft(self, depth: int, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos: int):
+        """MTP module `depth` over positions start_pos.. → (hidden states [1, T, H], logits [V] fp32 of the
+        last position, what a draft is read from): one kernel call on the CPU's decode path."""
+        fused = self.fused_mtp(depth, hidden, next_tokens, start_pos)
+        if fused is not None:
+            return fused
+        h = self.mtp_forward(depth, hidden, next_tokens, start_pos)
+        return h, self.mtp_logits(depth, h[:, -1])[0]
 
     # The static steps: positions as a device tensor input_pos [T], the caches written there and attended
     # whole under a mask. Fixed shapes for a given T and no host reads, so a CUDA graph can capture them

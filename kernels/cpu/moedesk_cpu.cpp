@@ -22,6 +22,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <exception>
@@ -1467,37 +1468,15 @@ std::vector<at::Tensor> moe_ffn(const at::Tensor& x, at::TensorList w, at::IntAr
 // end: per layer 17 + 18 tensors, 17 + 16 ints (the attention's first, its start, is `start` here) and
 // 2 + 2 floats, and its latent cache kvs[l] ([S, C+R] or [1, S, C+R]). Returns (x, ids [L, T, top_k], scores [L, T, E]) with the routed layers'
 // choices (a dense layer's rows are -1 and 0); top_k and E are the largest of any layer.
-std::vector<at::Tensor> layers_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef ints,
-                                      at::ArrayRef<double> floats, at::TensorList kvs, const at::Tensor& cos,
-                                      const at::Tensor& sin, int64_t start, int64_t top_k, int64_t E) {
-  const int64_t L = kvs.size();
-  TORCH_CHECK(w.size() == 35 * L && ints.size() == 33 * L && floats.size() == 4 * L,
-              "moedesk.layers_decode: 35 tensors, 33 ints and 4 floats per layer expected");
-  at::Tensor res = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous().clone();
-  const int64_t T = res.size(0), H = res.size(1);
-  at::Tensor cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
-  TORCH_CHECK(cf.dim() == 2 && cf.size(0) == T && sf.sizes() == cf.sizes(), "moedesk.layers_decode: cos, sin [T, R/2]");
-  at::Tensor ids = at::full({L, T, top_k}, -1, res.options().dtype(at::kLong)), scores = at::zeros({L, T, E}, res.options());
-  auto pass = [&] {
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* t = w.data() + 35 * l;
-    std::vector<int64_t> in(ints.begin() + 33 * l, ints.begin() + 33 * (l + 1));
-    in[0] = start;
-    const double* fl = floats.data() + 4 * l;
-    const at::Tensor kv = kvs[l].dim() == 3 ? kvs[l].select(0, 0) : kvs[l];  // [1, S, C+R] caches
-    mla_layer(res.data_ptr<float>(), T, H, t, in.data(), fl, kv, cf.data_ptr<float>(), sf.data_ptr<float>());
-    const int64_t k = in[17 + 2], e = t[18].numel() ? t[18].size(0) : 0;
-    TORCH_CHECK(k == 0 || (k == top_k && e == E), "moedesk.layers_decode: every routed layer's top_k and E alike");
-    moe_layer(res.data_ptr<float>(), T, H, t + 17, in.data() + 17, fl + 2, ids[l].data_ptr<int64_t>(),
-              scores[l].data_ptr<float>());
-  }
-  };
+// pass() on thread 0 of one OpenMP region while the other threads serve its splits (Team), or plainly
+// where there is one thread, a team already (a nested call) or teams are off.
+template <class F>
+void on_team(F&& pass) {
   const int threads = at::get_num_threads();
   if (threads < 2 || g_team || !g_teams) {
     pass();
-    return {res.view(x.sizes()), ids, scores};
+    return;
   }
-  // One region for the whole pass: thread 0 runs the layers, the others serve its splits (Team).
   Team team(threads);
   std::exception_ptr failed;
 #pragma omp parallel num_threads(threads)
@@ -1516,7 +1495,89 @@ std::vector<at::Tensor> layers_decode(const at::Tensor& x, at::TensorList w, at:
     }
   }
   if (failed) std::rethrow_exception(failed);
+}
+
+// Layers l of a pass over res [T, H] in place, each mla_layer then moe_layer, their arguments laid end
+// to end as layers_decode takes them; the routed choices into ids [L, T, top_k] and scores [L, T, E].
+void run_layers(at::Tensor& res, at::TensorList w, at::IntArrayRef ints, at::ArrayRef<double> floats,
+                at::TensorList kvs, const at::Tensor& cf, const at::Tensor& sf, int64_t start, int64_t top_k,
+                int64_t E, at::Tensor& ids, at::Tensor& scores) {
+  const int64_t L = kvs.size(), T = res.size(0), H = res.size(1);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* t = w.data() + 35 * l;
+    std::vector<int64_t> in(ints.begin() + 33 * l, ints.begin() + 33 * (l + 1));
+    in[0] = start;
+    const double* fl = floats.data() + 4 * l;
+    const at::Tensor kv = kvs[l].dim() == 3 ? kvs[l].select(0, 0) : kvs[l];  // [1, S, C+R] caches
+    mla_layer(res.data_ptr<float>(), T, H, t, in.data(), fl, kv, cf.data_ptr<float>(), sf.data_ptr<float>());
+    const int64_t k = in[17 + 2], e = t[18].numel() ? t[18].size(0) : 0;
+    TORCH_CHECK(k == 0 || (k == top_k && e == E), "moedesk.layers_decode: every routed layer's top_k and E alike");
+    moe_layer(res.data_ptr<float>(), T, H, t + 17, in.data() + 17, fl + 2, ids[l].data_ptr<int64_t>(),
+              scores[l].data_ptr<float>());
+  }
+}
+
+// The checks and outputs layers_decode and mtp_decode share: (cos, sin as fp32, ids, scores).
+std::array<at::Tensor, 4> pass_inputs(const at::Tensor& res, at::TensorList w, at::IntArrayRef ints,
+                                      at::ArrayRef<double> floats, at::TensorList kvs, const at::Tensor& cos,
+                                      const at::Tensor& sin, int64_t top_k, int64_t E, const char* op) {
+  const int64_t L = kvs.size(), T = res.size(0);
+  TORCH_CHECK(w.size() == 35 * L && ints.size() == 33 * L && floats.size() == 4 * L, op,
+              ": 35 tensors, 33 ints and 4 floats per layer expected");
+  at::Tensor cf = cos.to(at::kFloat).contiguous(), sf = sin.to(at::kFloat).contiguous();
+  TORCH_CHECK(cf.dim() == 2 && cf.size(0) == T && sf.sizes() == cf.sizes(), op, ": cos, sin [T, R/2]");
+  return {cf, sf, at::full({L, T, top_k}, -1, res.options().dtype(at::kLong)), at::zeros({L, T, E}, res.options())};
+}
+
+std::vector<at::Tensor> layers_decode(const at::Tensor& x, at::TensorList w, at::IntArrayRef ints,
+                                      at::ArrayRef<double> floats, at::TensorList kvs, const at::Tensor& cos,
+                                      const at::Tensor& sin, int64_t start, int64_t top_k, int64_t E) {
+  at::Tensor res = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous().clone();
+  auto [cf, sf, ids, scores] = pass_inputs(res, w, ints, floats, kvs, cos, sin, top_k, E, "moedesk.layers_decode");
+  on_team([&] { run_layers(res, w, ints, floats, kvs, cf, sf, start, top_k, E, ids, scores); });
   return {res.view(x.sizes()), ids, scores};
+}
+
+// ---- one Multi-Token-Prediction depth for a few positions (drafting) --------------------------------
+//
+// h = layers(eh_proj([rms_norm(emb) · enorm; rms_norm(hidden) · hnorm])), logits = head(rms_norm(h[T-1])
+// · head_norm): what engine/model/transformer.py's MTPModule does, in one call on one team, with its
+// block's arguments laid out as layers_decode takes them. emb, hidden [T, H]; head: enorm, hnorm
+// [H] fp32, eh_proj (q, scale, zero), head_norm [H] fp32, head (q, scale, zero); head_ints: (format,
+// group) of eh_proj and of head; eps: the three norms'. Returns (h [T, H], logits [V], ids, scores).
+std::vector<at::Tensor> mtp_decode(const at::Tensor& emb, const at::Tensor& hidden, at::TensorList head,
+                                   at::IntArrayRef head_ints, double eps, at::TensorList w, at::IntArrayRef ints,
+                                   at::ArrayRef<double> floats, at::TensorList kvs, const at::Tensor& cos,
+                                   const at::Tensor& sin, int64_t start, int64_t top_k, int64_t E) {
+  TORCH_CHECK(head.size() == 9 && head_ints.size() == 4, "moedesk.mtp_decode: 9 head tensors and 4 ints expected");
+  const int64_t H = emb.size(-1);
+  at::Tensor e = emb.reshape({-1, H}).to(at::kFloat).contiguous(), h = hidden.reshape({-1, H}).to(at::kFloat).contiguous();
+  const int64_t T = e.size(0);
+  TORCH_CHECK(h.size(0) == T && T >= 1 && T <= 16, "moedesk.mtp_decode: emb, hidden [T, H], 1 <= T <= 16");
+  for (int i : {0, 1, 5})
+    TORCH_CHECK(head[i].numel() == H && head[i].scalar_type() == at::kFloat, "moedesk.mtp_decode: norms [H] fp32");
+  at::Tensor res = at::empty({T, H}, e.options()), logits;
+  auto [cf, sf, ids, scores] = pass_inputs(res, w, ints, floats, kvs, cos, sin, top_k, E, "moedesk.mtp_decode");
+  on_team([&] {
+    std::vector<float> joined(T * 2 * H);
+    for (int64_t i = 0; i < T; ++i) {
+      std::memcpy(&joined[i * 2 * H], e.data_ptr<float>() + i * H, H * 4);
+      std::memcpy(&joined[i * 2 * H + H], h.data_ptr<float>() + i * H, H * 4);
+      rms_norm_rows(&joined[i * 2 * H], 1, H, head[0].data_ptr<float>(), static_cast<float>(eps));
+      rms_norm_rows(&joined[i * 2 * H + H], 1, H, head[1].data_ptr<float>(), static_cast<float>(eps));
+    }
+    Lin eh(head.data(), 2, head_ints[0], head_ints[1]);
+    TORCH_CHECK(eh.w.K == 2 * H && eh.w.N == H, "moedesk.mtp_decode: eh_proj [H, 2H]");
+    eh(joined.data(), T, res.data_ptr<float>());
+    run_layers(res, w, ints, floats, kvs, cf, sf, start, top_k, E, ids, scores);
+    Lin out(head.data(), 6, head_ints[2], head_ints[3]);
+    TORCH_CHECK(out.w.K == H, "moedesk.mtp_decode: head [V, H]");
+    std::vector<float> last(res.data_ptr<float>() + (T - 1) * H, res.data_ptr<float>() + T * H);
+    rms_norm_rows(last.data(), 1, H, head[5].data_ptr<float>(), static_cast<float>(eps));
+    logits = at::empty({out.w.N}, e.options());
+    out(last.data(), 1, logits.data_ptr<float>());
+  });
+  return {res, logits, ids, scores};
 }
 
 // The instruction set the kernels use from now on, at most the build's (a lower one for tests); returns
@@ -1542,6 +1603,8 @@ TORCH_LIBRARY(moedesk, m) {
   m.def("mla_decode(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!) kv, Tensor cos, Tensor sin) -> Tensor");
   m.def("layers_decode(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!)[] kvs, Tensor cos, Tensor sin, "
         "int start, int top_k, int E) -> Tensor[]");
+  m.def("mtp_decode(Tensor emb, Tensor hidden, Tensor[] head, int[] head_ints, float eps, Tensor[] w, int[] ints, "
+        "float[] floats, Tensor(a!)[] kvs, Tensor cos, Tensor sin, int start, int top_k, int E) -> Tensor[]");
   m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor gu_q, Tensor gu_s, Tensor gu_z, Tensor dn_q, "
         "Tensor dn_s, Tensor dn_z, int fmt, int group) -> Tensor");
 }
@@ -1552,6 +1615,7 @@ TORCH_LIBRARY_IMPL(moedesk, CPU, m) {
   m.impl("mla_decode", &mla_decode);
   m.impl("moe_ffn", &moe_ffn);
   m.impl("layers_decode", &layers_decode);
+  m.impl("mtp_decode", &mtp_decode);
 }
 
 TORCH_LIBRARY_IMPL(moedesk, CatchAll, m) { m.impl("set_isa", &set_isa);
