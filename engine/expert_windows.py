@@ -67,9 +67,8 @@ class ExpertWindows:
         """The newest pass's routed-expert bytes (None before any, or where passes go unmeasured)."""
         if not self.routers or not self.routers[0].windows:
             return None
-        ids = torch.stack([r.windows[-1].reshape(-1) for r in self.routers]).sort(-1).values  # [L, rows·k]
-        distinct = (ids[:, 1:] != ids[:, :-1]).sum(-1) + 1
-        return float((distinct * self.bytes_per_layer).sum())
+        ids = torch.stack([r.windows[-1].reshape(-1) for r in self.routers]).tolist()  # [L, rows·k]: one read
+        return float(sum(len(set(row)) * b for row, b in zip(ids, self.bytes)))
 
     def summary(self, tokens: int) -> dict:
         """tokens: what the recorded passes produced (accepted drafts and the main model's own tokens)."""
