@@ -89,9 +89,9 @@ class Transformer(torch.nn.Module):
         self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = torch.nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + i) for i in range(n_mtp))
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.rope_interleave)
-        self._joined: dict = {}  # stack ("main" or an MTP depth) → (what its arguments were made of, them)
+        # stack ("main" or an MTP depth) → (what its arguments were made of, them, its blocks' routers)
+        self._joined: dict = {}
         self._fixed: dict | None = None  # inside fixed_weights(): stack → its first fused pass's arguments
-        self._routers: dict = {}  # stack → its blocks' routers (None for a dense block), made with _joined
         self.max_seq_len = 0
 
     def reset_rotary(self) -> None:
@@ -162,7 +162,7 @@ class Transformer(torch.nn.Module):
         (w, ints, floats, top_k, E), kvs = args
         cos, sin = self.rotary.rows(start_pos, x.shape[1])
         y, ids, scores = torch.ops.moedesk.layers_decode(x[0], w, ints, floats, kvs, cos, sin, start_pos, top_k, E)
-        self._record("main", self.layers, ids, scores)
+        self._record("main", ids, scores)
         return y[None].to(x.dtype)
 
     def fused_mtp(self, depth: int, hidden: torch.Tensor, next_tokens: torch.Tensor, start_pos):
@@ -170,23 +170,21 @@ class Transformer(torch.nn.Module):
         block, head_norm and head) → (hidden states [1, T, H], logits [V] fp32 of the last position), or
         None where the fused path does not apply (see fused_layers)."""
         module = self.mtp[depth]
-        emb = (module.embed or self.embed)(next_tokens)
-        args = self._pass_args(depth, [module.block], emb, start_pos)
+        args = self._pass_args(depth, [module.block], hidden, start_pos)  # hidden: the block input's shape
         head = module.head_args(self) if args is not None else None
         if head is None:
             return None
         (w, ints, floats, top_k, E), kvs = args
+        emb = (module.embed or self.embed)(next_tokens)
         cos, sin = self.rotary.rows(start_pos, emb.shape[1])
         h, logits, ids, scores = torch.ops.moedesk.mtp_decode(emb[0], hidden[0], *head, module.enorm.eps, w, ints,
                                                               floats, kvs, cos, sin, start_pos, top_k, E)
-        self._record(depth, [module.block], ids, scores)
+        self._record(depth, ids, scores)
         return h[None].to(hidden.dtype), logits
 
-    def _record(self, stack, blocks, ids: torch.Tensor, scores: torch.Tensor) -> None:
+    def _record(self, stack, ids: torch.Tensor, scores: torch.Tensor) -> None:
         """The routers' bookkeeping of a fused pass, for those that keep any (load, observers, windows)."""
-        routers = self._routers.get(stack)
-        if routers is None:  # kept per stack with its joined arguments: module attribute reads cost µs each
-            routers = self._routers[stack] = [getattr(b.ffn, "router", None) for b in blocks]
+        routers = self._joined[stack][2]  # kept with the joined arguments: module attribute reads cost µs each
         keeping = [r is not None and (r.load is not None or r.observe is not None or r.windows is not None)
                    for r in routers]
         if any(keeping):  # one unbind, not an index op per layer: a fifth of a step's Python once
@@ -251,10 +249,10 @@ class Transformer(torch.nn.Module):
                 w += attn[0] + ffn[0]
                 ints += [0] + attn[1] + ffn[1]  # the attention's start, set by the kernel
                 floats += attn[2] + ffn[2]
-            routers = [b.ffn.router for b in blocks if isinstance(b.ffn, MoE)]
-            top_k, E = (routers[0].top_k, routers[0].n_experts) if routers else (0, 0)
-            seen = self._joined[stack] = (key, (w, ints, floats, top_k, E))
-            self._routers.pop(stack, None)
+            routers = [getattr(b.ffn, "router", None) for b in blocks]  # None: a dense block
+            routed = [r for b, r in zip(blocks, routers) if isinstance(b.ffn, MoE)]
+            top_k, E = (routed[0].top_k, routed[0].n_experts) if routed else (0, 0)
+            seen = self._joined[stack] = (key, (w, ints, floats, top_k, E), routers)
         return seen[1]
 
     def attention_inputs(self, tokens: torch.Tensor, start_pos: int | torch.Tensor | None):
