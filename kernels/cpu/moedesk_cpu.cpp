@@ -243,10 +243,11 @@ struct Weight {
 #endif
   }
 
-  // int4 read by nibbles, 128 columns a step (wide_rows), with the activations reordered to match.
+  // int4 read by nibbles, 128 columns a step and a last step of 64 (wide_rows), with the activations
+  // reordered to match.
   bool nibbles() const {
 #ifdef __AVX512BF16__
-    return isa() == AVX512 && fmt == I4 && group % 64 == 0 && K % 128 == 0;
+    return isa() == AVX512 && fmt == I4 && group % 64 == 0 && K % 64 == 0;
 #else
     return false;
 #endif
@@ -570,23 +571,31 @@ struct Weight {
     }
     const int gs = __builtin_ctzll(static_cast<unsigned long long>(group));  // groups are powers of two
     for (int64_t k = 0; k < K; k += 128) {
+      // A last step of 64 columns (K = 10944, V2-Lite's dense layer) reads 32 bytes, zeros above: its
+      // upper lanes hold the bf16 of 128 and meet zero activations (the reordering's tail, below).
+      const bool tail = K - k < 128;
       __m512bh v[R][4];
       __m512 sv[R];
       for (int r = 0; r < R; ++r) {
         ahead<I4>(row[r], k, end);
-        const __m512i b = _mm512_loadu_si512(row[r] + k / 2);
+        const __m512i b = tail ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, row[r] + k / 2)
+                               : _mm512_loadu_si512(row[r] + k / 2);
         // (b >> shift) & 0xF | 0x4300 in one ternary-logic op each: A & B | C is 0xEA
         v[r][0] = (__m512bh)_mm512_ternarylogic_epi32(b, nib, bias, 0xEA);
         v[r][1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 4), nib, bias, 0xEA);
         v[r][2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 8), nib, bias, 0xEA);
         v[r][3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(b, 12), nib, bias, 0xEA);
         const float* sc = scale + (n + r) * G;
-        sv[r] = _mm512_insertf32x8(_mm512_set1_ps(sc[k >> gs]), _mm256_set1_ps(sc[(k + 64) >> gs]), 1);
+        sv[r] = _mm512_insertf32x8(_mm512_set1_ps(sc[k >> gs]), _mm256_set1_ps(sc[(k + (tail ? 0 : 64)) >> gs]), 1);
       }
+      const int64_t part = tail ? 16 : 32;       // activations a nibble position, in this step's layout
+      const __mmask32 used = tail ? 0xFFFF : ~0u;
       for (int m = 0; m < MB; ++m) {
         const uint16_t* xk = x + m * K + k;
-        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xk), x1 = (__m512bh)_mm512_loadu_si512(xk + 32);
-        const __m512bh x2 = (__m512bh)_mm512_loadu_si512(xk + 64), x3 = (__m512bh)_mm512_loadu_si512(xk + 96);
+        const __m512bh x0 = (__m512bh)_mm512_maskz_loadu_epi16(used, xk);
+        const __m512bh x1 = (__m512bh)_mm512_maskz_loadu_epi16(used, xk + part);
+        const __m512bh x2 = (__m512bh)_mm512_maskz_loadu_epi16(used, xk + 2 * part);
+        const __m512bh x3 = (__m512bh)_mm512_maskz_loadu_epi16(used, xk + 3 * part);
         for (int r = 0; r < R; ++r) {
           __m512 part = _mm512_dpbf16_ps(_mm512_setzero_ps(), v[r][0], x0);
           part = _mm512_dpbf16_ps(part, v[r][1], x1);
@@ -1097,15 +1106,18 @@ std::vector<uint16_t> activations(const float* x, int64_t M, int64_t K, Weight& 
   const int64_t G = w.groups();
   xsum.assign(M * G, 0.f);
   // Per 128 columns: 16-bit lane i of the weight holds columns 4i .. 4i+3, one per nibble; the
-  // activations go as column 4i+j at j·32 + i, so that nibble j of every lane meets its column.
+  // activations go as column 4i+j at j·32 + i, so that nibble j of every lane meets its column (a last
+  // step of 64 columns: at j·16 + i).
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; k += 128)
-      for (int64_t i = 0; i < 32; ++i)
+    for (int64_t k = 0; k < K; k += 128) {
+      const int64_t lanes = std::min<int64_t>(128, K - k) / 4;
+      for (int64_t i = 0; i < lanes; ++i)
         for (int64_t j = 0; j < 4; ++j) {
           const uint16_t v = bf16_bits(x[m * K + k + 4 * i + j]);
-          out[m * K + k + j * 32 + i] = v;
+          out[m * K + k + j * lanes + i] = v;
           xsum[m * G + (k + 4 * i + j) / w.group] += bf16_value(v);
         }
+    }
   w.xsum = xsum.data();
 #endif
   return out;
