@@ -19,16 +19,18 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <omp.h>
-
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <type_traits>
+#include <utility>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -39,13 +41,22 @@
 
 namespace {
 
-// ---- a team of threads that stays awake through a whole pass ----------------------------------------
+// ---- a team of threads for a pass's splits ----------------------------------------------------------
 //
-// layers_decode runs its layers on thread 0 of one OpenMP region and the other threads wait on a Team,
-// spinning, for the slices of each product and of the attention heads. Handing a slice over costs a
-// fraction of a microsecond, against a few microseconds to open a parallel region per product, so the
-// bundled model's small products (8-100 KB) split across threads too: one region per pass instead of
-// about 12 per layer, with the second thread no longer idle through the small ones.
+// layers_decode runs its layers on the calling thread (thread 0); threads 1.. of a Team, started once and
+// kept, take their slices of each product, of the attention heads and of the MoE's pieces. Handing a
+// slice over costs a fraction of a microsecond, against a few to open a parallel region per product, so
+// the bundled model's small products (8-100 KB) split across threads too.
+//
+// A slice is claimed, not assigned: thread 0 runs its own slice and then every slice no helper has
+// started, so a helper the OS has taken off its core (the app's window drawing, a browser on the other
+// core) costs at most the slice it is inside, not a pass. With slices fixed to threads, a 2-thread decode
+// of the bundled model beside one busy process fell from ~1,150 to ~240 tokens/s, and the app, whose
+// window shares these cores with the worker, decoded at 0.70x the engine alone. Which thread runs a
+// slice changes no bits: each output is computed whole by one thread.
+//
+// Helpers spin while a pass is on and for SPIN_AFTER_PASS after it (the Python between two decode steps),
+// yielding now and then, then sleep on a futex (std::atomic::wait) until the next pass wakes them.
 inline void relax() {
 #if defined(__x86_64__) || defined(_M_X64)
   _mm_pause();
@@ -56,11 +67,28 @@ inline void relax() {
 
 class Team {
  public:
-  explicit Team(int size) : size_(size) {}
+  explicit Team(int size) : size_(size), claimed_(size), done_(size) {
+    for (int i = 1; i < size; ++i) helpers_.emplace_back([this, i] { serve(i); });
+  }
+  ~Team() {
+    quit_.store(true);
+    begin();  // wakes the sleepers
+    for (auto& t : helpers_) t.join();
+  }
+  Team(const Team&) = delete;
+  Team& operator=(const Team&) = delete;
+
   int size() const { return size_; }
 
-  // f(lo, hi) on the team's slices of [0, n), cut at multiples of align; the caller (thread 0) runs the
-  // first slice and returns when every slice is done.
+  // A pass begins (helpers spin from now) or ends (they sleep after SPIN_AFTER_PASS).
+  void begin() {
+    active_.store(true);
+    wake_.fetch_add(1);
+    if (sleepers_.load() > 0) wake_.notify_all();
+  }
+  void end() { active_.store(false); }
+
+  // f(lo, hi) on the team's slices of [0, n), cut at multiples of align; returns when every slice is done.
   template <class F>
   void split(int64_t n, int64_t align, F& f) {
     n_ = n;
@@ -69,7 +97,7 @@ class Team {
     go(f);
   }
 
-  // f(bounds[i], bounds[i + 1]) on thread i (bounds: size() + 1 entries).
+  // f(bounds[i], bounds[i + 1]) for slices i = 0 .. size() - 1 (bounds: size() + 1 entries).
   template <class F>
   void split_at(const int64_t* bounds, F& f) {
     bounds_ = bounds;
@@ -79,62 +107,135 @@ class Team {
   // Whether a split is running: work inside one runs on its thread (no nested splits).
   bool busy() const { return busy_; }
 
-  // Threads 1.. : take every split's slice until stop().
-  void serve(int tid) {
-    uint64_t seen = 0;
-    for (;;) {
-      uint64_t g;
-      while ((g = gen_.load(std::memory_order_acquire)) == seen) {
-        if (stop_.load(std::memory_order_acquire)) return;
-        relax();
-      }
-      seen = g;
-      run(tid);
-      left_.fetch_sub(1, std::memory_order_acq_rel);
-    }
-  }
-
-  void stop() { stop_.store(true, std::memory_order_release); }
-
  private:
+  static constexpr auto SPIN_AFTER_PASS = std::chrono::microseconds(1000);
+  static constexpr int64_t YIELD_EVERY = 256;  // spins: a helper sharing a core with thread 0 lets it run
+
   template <class F>
   void go(F& f) {
     using Fn = std::remove_reference_t<F>;
     call_ = [](void* c, int64_t lo, int64_t hi) { (*static_cast<Fn*>(c))(lo, hi); };
     ctx_ = static_cast<void*>(&f);
     busy_ = true;
-    left_.store(size_ - 1, std::memory_order_relaxed);
-    gen_.fetch_add(1, std::memory_order_release);
+    const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
+    gen_.store(g, std::memory_order_release);  // publishes the split above
     run(0);
-    while (left_.load(std::memory_order_acquire) != 0) relax();
+    for (int i = 1; i < size_; ++i)
+      if (claim(i, g)) {
+        run(i);
+        done_[i].store(g, std::memory_order_relaxed);
+      }
+    for (int i = 1; i < size_; ++i)  // the slices that helpers took
+      for (int spins = 0; done_[i].load(std::memory_order_acquire) != g; ++spins)
+        spins < 4096 ? relax() : std::this_thread::yield();  // a preempted helper: let it have a core
     busy_ = false;
+    if (failed_) std::rethrow_exception(std::exchange(failed_, nullptr));
   }
 
-  void run(int tid) {
-    if (bounds_) {
-      if (bounds_[tid] < bounds_[tid + 1]) call_(ctx_, bounds_[tid], bounds_[tid + 1]);
-      return;
+  // Slice i of split g for the caller, unless another thread has it (claimed_ holds the last split that
+  // each slice was claimed in: a helper that wakes late finds its slice taken, or finished, and skips it).
+  bool claim(int i, uint64_t g) {
+    uint64_t seen = claimed_[i].load(std::memory_order_acquire);
+    return seen < g && claimed_[i].compare_exchange_strong(seen, g, std::memory_order_acq_rel);
+  }
+
+  void run(int i) {
+    try {
+      if (bounds_) {
+        if (bounds_[i] < bounds_[i + 1]) call_(ctx_, bounds_[i], bounds_[i + 1]);
+        return;
+      }
+      const int64_t units = (n_ + align_ - 1) / align_, per = units / size_, extra = units % size_;
+      const int64_t u0 = i * per + std::min<int64_t>(i, extra), u1 = u0 + per + (i < extra ? 1 : 0);
+      const int64_t lo = std::min(n_, u0 * align_), hi = std::min(n_, u1 * align_);
+      if (lo < hi) call_(ctx_, lo, hi);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(failed_mutex_);
+      if (!failed_) failed_ = std::current_exception();
     }
-    const int64_t units = (n_ + align_ - 1) / align_, per = units / size_, extra = units % size_;
-    const int64_t u0 = tid * per + std::min<int64_t>(tid, extra), u1 = u0 + per + (tid < extra ? 1 : 0);
-    const int64_t lo = std::min(n_, u0 * align_), hi = std::min(n_, u1 * align_);
-    if (lo < hi) call_(ctx_, lo, hi);
+  }
+
+  // Helper i: its slice of every split, claimed; spinning during passes, asleep between them.
+  void serve(int i) {
+    uint64_t seen = gen_.load(std::memory_order_acquire);
+    auto idle_since = std::chrono::steady_clock::now();
+    int64_t spin = 0;
+    bool was_on = false;
+    while (!quit_.load(std::memory_order_relaxed)) {
+      const uint64_t g = gen_.load(std::memory_order_acquire);
+      if (g != seen) {
+        seen = g;
+        if (claim(i, g)) {
+          run(i);
+          done_[i].store(g, std::memory_order_release);
+        }
+        continue;
+      }
+      const bool on = active_.load(std::memory_order_relaxed);
+      if (!on && was_on) idle_since = std::chrono::steady_clock::now();  // the pass just ended
+      was_on = on;
+      if (on || std::chrono::steady_clock::now() - idle_since < SPIN_AFTER_PASS) {
+        ++spin % YIELD_EVERY ? relax() : std::this_thread::yield();
+        continue;
+      }
+      const uint64_t w = wake_.load();
+      sleepers_.fetch_add(1);
+      if (!active_.load() && !quit_.load()) wake_.wait(w);
+      sleepers_.fetch_sub(1);
+      idle_since = std::chrono::steady_clock::now();
+    }
   }
 
   const int size_;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int> left_{0};
-  std::atomic<bool> stop_{false};
+  std::vector<std::thread> helpers_;
+  std::atomic<uint64_t> gen_{0};          // the latest split
+  std::vector<std::atomic<uint64_t>> claimed_, done_;  // per slice: the last split it was claimed in, done in
+  std::atomic<bool> active_{false}, quit_{false};
+  std::atomic<uint64_t> wake_{0};         // bumped by begin(): the sleepers' futex
+  std::atomic<int> sleepers_{0};
   void (*call_)(void*, int64_t, int64_t) = nullptr;
   void* ctx_ = nullptr;
   int64_t n_ = 0, align_ = 1;
   const int64_t* bounds_ = nullptr;
   bool busy_ = false;  // written by thread 0 only, read by the threads inside a split
+  std::exception_ptr failed_;
+  std::mutex failed_mutex_;
 };
 
 bool g_teams = true;     // whether layers_decode runs on a team (set_team: off for A/B and tests)
 Team* g_team = nullptr;  // the team of the pass that is running, if any (only thread 0 reads it)
 constexpr int64_t TEAM_BYTES = 4 * 1024;  // on a team, smaller weights stay on thread 0
+
+// The team for this many threads, started at the first pass and kept.
+Team& team_of(int threads) {
+  static std::unique_ptr<Team> team;
+  if (!team || team->size() != threads) team = std::make_unique<Team>(threads);
+  return *team;
+}
+
+// pass() on this thread while the team serves its splits, or plainly where there is one thread, a team
+// already (a nested call) or teams are off.
+template <class F>
+void on_team(F&& pass) {
+  const int threads = at::get_num_threads();
+  if (threads < 2 || g_team || !g_teams) {
+    pass();
+    return;
+  }
+  Team& team = team_of(threads);
+  team.begin();
+  g_team = &team;
+  try {
+    pass();
+  } catch (...) {
+    g_team = nullptr;
+    team.end();
+    throw;
+  }
+  g_team = nullptr;
+  team.end();
+}
+
 
 // f(lo, hi) over [0, n): on the running team when there is one and the work is worth a hand-off (work:
 // bytes read), else on ATen's pool above parallel_bytes with slices of at least grain.
@@ -146,6 +247,8 @@ void parallel(int64_t n, int64_t grain, int64_t align, int64_t work, int64_t par
     g_team->split(n, align, f);
   } else if (g_team || work < parallel_bytes) {
     f(int64_t{0}, n);
+  } else if (g_teams && at::get_num_threads() > 1) {  // a product on its own (the head): the team too
+    on_team([&] { g_team->split(n, align, f); });
   } else {
     at::parallel_for(0, n, grain, f);
   }
@@ -1524,35 +1627,6 @@ std::vector<at::Tensor> moe_ffn(const at::Tensor& x, at::TensorList w, at::IntAr
 // end: per layer 17 + 18 tensors, 17 + 16 ints (the attention's first, its start, is `start` here) and
 // 2 + 2 floats, and its latent cache kvs[l] ([S, C+R] or [1, S, C+R]). Returns (x, ids [L, T, top_k], scores [L, T, E]) with the routed layers'
 // choices (a dense layer's rows are -1 and 0); top_k and E are the largest of any layer.
-// pass() on thread 0 of one OpenMP region while the other threads serve its splits (Team), or plainly
-// where there is one thread, a team already (a nested call) or teams are off.
-template <class F>
-void on_team(F&& pass) {
-  const int threads = at::get_num_threads();
-  if (threads < 2 || g_team || !g_teams) {
-    pass();
-    return;
-  }
-  Team team(threads);
-  std::exception_ptr failed;
-#pragma omp parallel num_threads(threads)
-  {
-    if (omp_get_thread_num() == 0) {
-      if (omp_get_num_threads() == threads) g_team = &team;  // else (fewer threads granted) no team
-      try {
-        pass();
-      } catch (...) {
-        failed = std::current_exception();
-      }
-      g_team = nullptr;
-      team.stop();
-    } else if (omp_get_num_threads() == threads) {
-      team.serve(omp_get_thread_num());
-    }
-  }
-  if (failed) std::rethrow_exception(failed);
-}
-
 // Layers l of a pass over res [T, H] in place, each mla_layer then moe_layer, their arguments laid end
 // to end as layers_decode takes them; the routed choices into ids [L, T, top_k] and scores [L, T, E].
 void run_layers(at::Tensor& res, at::TensorList w, at::IntArrayRef ints, at::ArrayRef<double> floats,
