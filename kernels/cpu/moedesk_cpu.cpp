@@ -13,8 +13,8 @@
 // L1, then dotted with every activation row. So the weight streams from memory once however many rows
 // (verified tokens) use it, and each (row, output) dot runs the same way whatever M is: a verification
 // pass gives the same bits as one-token steps. The MoE op reads each chosen expert once for all rows that
-// chose it. Threads split the output rows: inside layers_decode on its one team (Team), elsewhere on
-// ATen's pool, where products too small to pay for a parallel region run on one thread.
+// chose it. Threads split the output rows on one team of threads (Team), kept across calls: inside a
+// layers_decode pass, and for a product on its own above PARALLEL_BYTES (smaller ones run on one thread).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
