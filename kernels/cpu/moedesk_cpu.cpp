@@ -420,12 +420,12 @@ struct Weight {
   // y[m * ldy + n] = x[m] · row n, for rows n in [n0, n1).
   void rows(const float* x, const uint16_t* xb, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy) const {
     const int64_t level = isa();
-    const uint8_t* end = q + n1 * row_bytes();  // what this call reads: prefetches stop there
+    const bool pf = (n1 - n0) * row_bytes() >= PREFETCH_FROM;  // smaller slices sit in cache: no prefetch
 #ifdef __AVX512BF16__
     if (level == AVX512 && xb && K % 32 == 0) {
       auto dp = [&]<int FMT>() {
         blocks<8, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
-          dp_rows<FMT, R, MB>(xb + m0 * K, n, y + m0 * ldy, ldy, end);
+          dp_rows<FMT, R, MB>(xb + m0 * K, n, y + m0 * ldy, ldy, pf);
         });
       };
       switch (fmt) {
@@ -433,12 +433,12 @@ struct Weight {
         case I8:
           if (!xscale) return dp.template operator()<I8>();
           return blocks<8, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {  // xb is int16
-            vnni_rows<R, MB>(reinterpret_cast<const int16_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0, end);
+            vnni_rows<R, MB>(reinterpret_cast<const int16_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0, pf);
           });
         case I4:
           if (!nibbles()) return dp.template operator()<I4>();
           return blocks<4, 1>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {  // xb is reordered
-            wide_rows<R, MB>(xb + m0 * K, n, y + m0 * ldy, ldy, m0, end);
+            wide_rows<R, MB>(xb + m0 * K, n, y + m0 * ldy, ldy, m0, pf);
           });
         default: break;
       }
@@ -448,7 +448,7 @@ struct Weight {
     if (level == AVX512 && K % 16 == 0) {
       auto fma = [&]<int FMT>() {
         blocks<8, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
-          avx512_rows<FMT, R, MB>(x + m0 * K, n, y + m0 * ldy, ldy, end);
+          avx512_rows<FMT, R, MB>(x + m0 * K, n, y + m0 * ldy, ldy, pf);
         });
       };
       switch (fmt) {
@@ -465,16 +465,16 @@ struct Weight {
       // in xb, and reads x (fp32) below
       if (xb && madd() && fmt == I8)
         return blocks<8, 2, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
-          madd_rows<R, MB>(reinterpret_cast<const int16_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0, end);
+          madd_rows<R, MB>(reinterpret_cast<const int16_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0, pf);
         });
       if (xb && madd() && fmt == I4)
         return blocks<8, 1, 2>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {  // xb: int8, reordered
-          nibble_madd_rows<R, MB>(reinterpret_cast<const int8_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0, end);
+          nibble_madd_rows<R, MB>(reinterpret_cast<const int8_t*>(xb) + m0 * K, n, y + m0 * ldy, ldy, m0, pf);
         });
       if (K % 8 == 0) {
         auto fma = [&]<int FMT>() {
           blocks<8, 2, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
-            avx2_rows<FMT, R, MB>(x + m0 * K, n, y + m0 * ldy, ldy, end);
+            avx2_rows<FMT, R, MB>(x + m0 * K, n, y + m0 * ldy, ldy, pf);
           });
         };
         switch (fmt) {
@@ -522,19 +522,21 @@ struct Weight {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   // The kernels read R weight rows side by side, each a few KB: short streams that the hardware
   // prefetchers pick up late and drop at every 4 KB page, so decode products ran at a third to a half of
-  // the memory's speed, and at a sixth of L3's. Each kernel also asks for the line PREFETCH bytes ahead of
-  // each row's read position, into L2, once per 64-byte line, never past the rows this call reads (end).
-  // V2-Lite expert shapes from memory, 2 threads, one token: bf16 24 → 30 GB/s, int8 16 → 30, int4 10 → 24.
-  static constexpr int64_t PREFETCH = 16384;
+  // the memory's speed, and at a sixth of L3's. So each kernel also asks for the line PREFETCH bytes
+  // ahead of each row's read position, into L2, once per 64-byte line (it may run up to PREFETCH past
+  // the slice: prefetches never fault). V2-Lite expert shapes from memory, 2 threads, one token: bf16
+  // 24 → 30 GB/s, int8 16 → 30, int4 10 → 24. A slice under PREFETCH_FROM bytes (the bundled model's
+  // products) asks for nothing: pf is the same for the whole call, so the compiler splits the loops on
+  // it and the in-cache dot loops carry no prefetch at all.
+  static constexpr int64_t PREFETCH = 16384, PREFETCH_FROM = 64 * 1024;
 
   template <int FMT>
-  static inline void ahead(const uint8_t* row, int64_t k, const uint8_t* end) {
+  static inline void ahead(const uint8_t* row, int64_t k, bool pf) {
     constexpr int64_t line = FMT == F32 ? 16 : FMT == BF16 ? 32 : FMT == I8 ? 64 : 128;  // columns a line
-    if (k % line) return;
+    if (!pf || k % line) return;
     const uint8_t* p = row + (FMT == F32 ? k * 4 : FMT == BF16 ? k * 2 : FMT == I8 ? k : k / 2) + PREFETCH;
-    // As inline asm: GCC 12 dropped _mm_prefetch from every kernel but the int8 ones (fp32, bf16 and
-    // int4 read with no prefetch at all).
-    if (p < end) asm volatile("prefetcht1 %0" : : "m"(*reinterpret_cast<const char*>(p)));
+    // As inline asm: GCC 12 dropped _mm_prefetch from every kernel but the int8 ones.
+    asm volatile("prefetcht1 %0" : : "m"(*reinterpret_cast<const char*>(p)));
   }
 
   // step(k, s, zs) for every STEP columns of rows n..n+R-1: int4 group by group with each row's scale s
@@ -590,7 +592,7 @@ struct Weight {
   // R consecutive weight rows from n against MB activation rows: each weight vector is loaded once and
   // used MB times; the R × MB accumulators stay in registers.
   template <int FMT, int R, int MB>
-  void avx512_rows(const float* x, int64_t n, float* y, int64_t ldy, const uint8_t* end) const {
+  void avx512_rows(const float* x, int64_t n, float* y, int64_t ldy, bool pf) const {
     __m512 acc[R][MB];
     const uint8_t* row[R];
     for (int r = 0; r < R; ++r) {
@@ -600,7 +602,7 @@ struct Weight {
     auto step = [&](int64_t k, const __m512* s, const __m512* zs) {
       __m512 w[R];
       for (int r = 0; r < R; ++r) {
-        ahead<FMT>(row[r], k, end);
+        ahead<FMT>(row[r], k, pf);
         w[r] = load16<FMT>(row[r], k);
         if constexpr (FMT == I4) w[r] = _mm512_fmsub_ps(w[r], s[r], zs[r]);
       }
@@ -661,7 +663,7 @@ struct Weight {
   // taken off with the zero point: Σ (q − z)·x = Σ (128 + q)·x − (128 + z)·Σx. Accumulator lanes 0-7
   // hold columns 0-63 of the step, lanes 8-15 columns 64-127: each half gets its group's scale.
   template <int R, int MB>
-  void wide_rows(const uint16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0, const uint8_t* end) const {
+  void wide_rows(const uint16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0, bool pf) const {
     const __m512i nib = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
     const int64_t G = groups();
     __m512 acc[R][MB];
@@ -680,7 +682,7 @@ struct Weight {
       __m512bh v[R][4];
       __m512 sv[R];
       for (int r = 0; r < R; ++r) {
-        ahead<I4>(row[r], k, end);
+        ahead<I4>(row[r], k, pf);
         const __m512i b = tail ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, row[r] + k / 2)
                                : _mm512_loadu_si512(row[r] + k / 2);
         // (b >> shift) & 0xF | 0x4300 in one ternary-logic op each: A & B | C is 0xEA
@@ -719,7 +721,7 @@ struct Weight {
   // each value) wherever a value is within 64x of the largest, where the dot's error comes from. int32
   // lanes are safe for 8,192 columns (2 · 127 · 32767 per instruction), so longer rows flush to fp32.
   template <int R, int MB>
-  void vnni_rows(const int16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0, const uint8_t* end) const {
+  void vnni_rows(const int16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0, bool pf) const {
     constexpr int64_t FLUSH = 8192;
     float acc[R][MB] = {};  // in memory: the R × MB int32 partials take the vector registers
     const int8_t* row[R];
@@ -732,7 +734,7 @@ struct Weight {
       for (int64_t k = k0; k < k1; k += 32) {
         __m512i w[R];
         for (int r = 0; r < R; ++r) {
-          ahead<I8>(reinterpret_cast<const uint8_t*>(row[r]), k, end);
+          ahead<I8>(reinterpret_cast<const uint8_t*>(row[r]), k, pf);
           w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + k)));
         }
         for (int m = 0; m < MB; ++m) {
@@ -750,7 +752,7 @@ struct Weight {
 #endif
 
   template <int FMT, int R, int MB>
-  void dp_rows(const uint16_t* x, int64_t n, float* y, int64_t ldy, const uint8_t* end) const {
+  void dp_rows(const uint16_t* x, int64_t n, float* y, int64_t ldy, bool pf) const {
     __m512 acc[R][MB];
     const uint8_t* row[R];
     for (int r = 0; r < R; ++r) {
@@ -760,7 +762,7 @@ struct Weight {
     auto step = [&](int64_t k, const __m512* s, const __m512* zs) {
       __m512bh w[R];
       for (int r = 0; r < R; ++r) {
-        ahead<FMT>(row[r], k, end);
+        ahead<FMT>(row[r], k, pf);
         w[r] = load32<FMT>(row[r], k, s ? s[r] : __m512(), zs ? zs[r] : __m512());
       }
       for (int m = 0; m < MB; ++m) {
@@ -796,7 +798,7 @@ struct Weight {
 
   // avx512_rows with 8 columns a step: fp32 activations, each weight vector loaded once for MB rows.
   template <int FMT, int R, int MB>
-  void avx2_rows(const float* x, int64_t n, float* y, int64_t ldy, const uint8_t* end) const {
+  void avx2_rows(const float* x, int64_t n, float* y, int64_t ldy, bool pf) const {
     __m256 acc[R][MB];
     const uint8_t* row[R];
     for (int r = 0; r < R; ++r) {
@@ -806,7 +808,7 @@ struct Weight {
     auto step = [&](int64_t k, const __m256* s, const __m256* zs) {
       __m256 w[R];
       for (int r = 0; r < R; ++r) {
-        ahead<FMT>(row[r], k, end);
+        ahead<FMT>(row[r], k, pf);
         w[r] = load8<FMT>(row[r], k);
         if constexpr (FMT == I4) w[r] = _mm256_fmsub_ps(w[r], s[r], zs[r]);
       }
@@ -826,7 +828,7 @@ struct Weight {
   // exactly into int32): the AVX2 form of vnni_rows. int32 lanes are safe for 4,096 columns (each lane
   // gains 2 · 127 · 32767 per 16 columns), so longer rows flush to fp32.
   template <int R, int MB>
-  void madd_rows(const int16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0, const uint8_t* end) const {
+  void madd_rows(const int16_t* x, int64_t n, float* y, int64_t ldy, int64_t m0, bool pf) const {
     constexpr int64_t FLUSH = 4096;
     float acc[R][MB] = {};
     const int8_t* row[R];
@@ -839,7 +841,7 @@ struct Weight {
       for (int64_t k = k0; k < k1; k += 16) {
         __m256i w[R];
         for (int r = 0; r < R; ++r) {
-          ahead<I8>(reinterpret_cast<const uint8_t*>(row[r]), k, end);
+          ahead<I8>(reinterpret_cast<const uint8_t*>(row[r]), k, pf);
           w[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + k)));
         }
         for (int m = 0; m < MB; ++m) {
@@ -862,7 +864,7 @@ struct Weight {
   // int8 activations (one scale per 64 values) err ~2^-8 per value, far below int4's own rounding, and
   // take half the multiplies of int16 ones: int4 is bound by instructions here, not bytes.
   template <int R, int MB>
-  void nibble_madd_rows(const int8_t* x, int64_t n, float* y, int64_t ldy, int64_t m0, const uint8_t* end) const {
+  void nibble_madd_rows(const int8_t* x, int64_t n, float* y, int64_t ldy, int64_t m0, bool pf) const {
     const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     const int64_t G = groups(), B = K / 64;
     const float* xs = xscale + m0 * B;   // [MB, B]: the activations' scale per block
@@ -884,7 +886,7 @@ struct Weight {
       __m256i lo[R], hi[R];
       float sc[R];
       for (int r = 0; r < R; ++r) {
-        ahead<I4>(row[r], b * 64, end);
+        ahead<I4>(row[r], b * 64, pf);
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + b * 32));
         lo[r] = _mm256_and_si256(w, nib);
         hi[r] = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
