@@ -535,8 +535,9 @@ struct Weight {
     constexpr int64_t line = FMT == F32 ? 16 : FMT == BF16 ? 32 : FMT == I8 ? 64 : 128;  // columns a line
     if (!pf || k % line) return;
     const uint8_t* p = row + (FMT == F32 ? k * 4 : FMT == BF16 ? k * 2 : FMT == I8 ? k : k / 2) + PREFETCH;
-    // As inline asm: GCC 12 dropped _mm_prefetch from every kernel but the int8 ones.
-    asm volatile("prefetcht1 %0" : : "m"(*reinterpret_cast<const char*>(p)));
+    // As inline asm: GCC 12 dropped _mm_prefetch from every kernel but the int8 ones. The address goes
+    // in a register: a memory operand made GCC store the accumulators to the stack before every prefetch.
+    asm volatile("prefetcht1 (%0)" : : "r"(p));
   }
 
   // step(k, s, zs) for every STEP columns of rows n..n+R-1: int4 group by group with each row's scale s
