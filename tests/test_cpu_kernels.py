@@ -47,6 +47,8 @@ def weights(fmt: str, N: int, K: int, seed: int = 0, group: int = 64):
         return (w.bfloat16(), e, e, 1, 0), w.bfloat16().float()
     if fmt == "bf16_exact":
         return (w.bfloat16(), e, e, 4, 0), w.bfloat16().float()
+    if fmt == "bf16_blocks":
+        return (cpu.blocks16(w.bfloat16()), e, e, 5, 0), w.bfloat16().float()
     if fmt == "int8":
         q = quantize_int8(w)
         return (q.qweight, q.scale, e, 2, 0), dequantize(q, torch.float32)
@@ -57,15 +59,17 @@ def weights(fmt: str, N: int, K: int, seed: int = 0, group: int = 64):
 # Weight-only formats dot bf16-rounded activations (int8 on VNNI and AVX2: int16, finer; int4 on AVX2:
 # int8 per 64 values, coarser): their error is the activations' rounding, ~2^-9 relative (int4 on AVX2
 # ~2^-7, against int4's own ~9%).
-TOL = {"fp32": 1e-5, "bf16": 6e-3, "int8": 6e-3, "int4": 1.5e-2, "bf16_exact": 1e-5}
+TOL = {"fp32": 1e-5, "bf16": 6e-3, "int8": 6e-3, "int4": 1.5e-2, "bf16_exact": 1e-5, "bf16_blocks": 1e-5}
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4", "bf16_exact"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4", "bf16_exact", "bf16_blocks"])
 @pytest.mark.parametrize("shape", [(96, 64), (256, 192), (160, 1408), (48, 200), (40, 24)])
 def test_linear_matches_the_reference_for_every_row_count(fmt, shape):
     N, K = shape
     if fmt == "int4" and K % 64:
         K = K // 64 * 64 + 64  # int4 groups of 64
+    if fmt == "bf16_blocks" and N % 16:
+        N = N // 16 * 16 + 16  # blocks of 16 rows
     args, w = weights(fmt, N, K)
     x = torch.randn(16, K, generator=torch.Generator().manual_seed(1))
     ref = x @ w.T
@@ -123,6 +127,32 @@ def test_bf16_weights_with_fp32_activations_equal_the_fp32_products():
         assert torch.equal(torch.ops.moedesk.linear(x, q, e, e, 4, 0), torch.ops.moedesk.linear(x, w, e, e, 0, 0))
 
 
+def test_bf16_blocks_give_the_same_bits_on_every_instruction_set_and_slice():
+    """"bf16_blocks" sums each output in column order, one FMA at a time: the AVX-512 kernel, the plain
+    C++ loop and any split of the rows (slices that cut a block of 16) give the same bits."""
+    (q, e, _, fmt, _), w = weights("bf16_blocks", 96, 200)
+    x = torch.randn(6, 200, generator=torch.Generator().manual_seed(3))
+    best = torch.ops.moedesk.set_isa(-1)
+    try:
+        torch.ops.moedesk.set_isa(0)
+        plain = torch.ops.moedesk.linear(x, q, e, e, fmt, 0)
+    finally:
+        torch.ops.moedesk.set_isa(best)
+    assert torch.equal(torch.ops.moedesk.linear(x, q, e, e, fmt, 0), plain)
+    assert ((plain - x @ w.T).norm() / (x @ w.T).norm()) < 1e-6
+    torch.ops.moedesk.set_team(0)  # ATen's regions: slices at any row
+    try:
+        with torch.inference_mode():
+            threads = torch.get_num_threads()
+            torch.set_num_threads(3)
+            try:
+                assert torch.equal(torch.ops.moedesk.linear(x, q, e, e, fmt, 0), plain)
+            finally:
+                torch.set_num_threads(threads)
+    finally:
+        torch.ops.moedesk.set_team(1)
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_groups_and_a_batch_shape(group):
     args, w = weights("int4", 64, 256, group=group)
@@ -132,7 +162,7 @@ def test_int4_groups_and_a_batch_shape(group):
     assert y.shape == (2, 3, 64) and ((y - ref).norm() / ref.norm()) < TOL["int4"]
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4", "bf16_exact"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4", "bf16_exact", "bf16_blocks"])
 def test_moe_reads_each_chosen_expert_once_and_matches_the_reference(fmt):
     E, H, I, k = 6, 128, 64, 2
     gu = [weights(fmt, 2 * I, H, seed=e) for e in range(E)]
@@ -257,6 +287,20 @@ def test_fused_moe_layer_matches_the_pytorch_layers(variant, monkeypatch):
     assert_close(out, 2e-4 if variant not in ("bf16", "int8", "int4") else 3e-2, variant)
     for a, b in zip(out[True][1], out[False][1]):  # the same experts, recorded for both tokens and the four
         assert a.shape[0] == 5 and torch.equal(a.sort(-1).values, b.sort(-1).values), variant
+
+
+def test_a_bf16_checkpoint_run_in_fp32_decodes_from_blocks_of_16_rows(isa, monkeypatch):
+    """fp32 weights that hold bf16 values (the bundled model) reach the kernels as bf16 copies, on
+    AVX-512 in blocks of 16 rows: the fused decode and verification match the PyTorch layers."""
+    model = small_model("fp32", 21, first_k_dense_replace=1, n_shared_experts=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    made, real = [], cpu.blocks16
+    monkeypatch.setattr(cpu, "blocks16", lambda w: made.append(tuple(w.shape)) or real(w))
+    out = decode_both_ways(model, monkeypatch, seed=22)
+    assert_close(out, 2e-4, "bf16-valued fp32")
+    assert bool(made) == (isa == "avx512"), made
 
 
 @pytest.mark.parametrize("variant", ["fp32", "bf16"])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from kernels import cpu
 
 CPU_FORMATS = {torch.float32: cpu.FORMATS["fp32"], torch.bfloat16: cpu.FORMATS["bf16"]}
+AVX512 = 2  # moedesk::set_isa's level for AVX-512
 log = logging.getLogger(__name__)
 
 
@@ -54,14 +55,18 @@ def read_bytes(w: torch.Tensor) -> int:
     return w.numel() * w.element_size()
 
 
-def kernel_dense(w: torch.Tensor) -> tuple[torch.Tensor, int]:
+def kernel_dense(w: torch.Tensor, blocks: bool = True) -> tuple[torch.Tensor, int]:
     """A full-precision weight as moedesk's kernels read it, with its format. An fp32 weight holding only
-    bf16 values goes as a bf16 copy met by fp32 activations ("bf16_exact"): the same products bit for
-    bit, half the bytes read per step. The copy is extra memory (half the fp32 weight), made only while
-    there is room for it twice over."""
+    bf16 values goes as a bf16 copy met by fp32 activations ("bf16_exact"): half the bytes read per step.
+    On AVX-512, with rows a multiple of 16 and `blocks`, the copy is laid out in blocks of 16 rows
+    ("bf16_blocks"): no horizontal sum per output and token, one weight vector for every verified token.
+    The copy is extra memory (half the fp32 weight), made only while there is room for it twice over."""
     if bf16_valued(w):
         if free_memory() > 4 * w.numel():
-            return w.detach().to(torch.bfloat16), cpu.FORMATS["bf16_exact"]
+            copy = w.detach().to(torch.bfloat16)
+            if blocks and w.shape[-2] % 16 == 0 and cpu.available() and torch.ops.moedesk.set_isa(-1) >= AVX512:
+                return cpu.blocks16(copy), cpu.FORMATS["bf16_blocks"]
+            return copy, cpu.FORMATS["bf16_exact"]
         log.info("no memory to spare for a bf16 copy of a %s weight; the kernels read it as fp32", tuple(w.shape))
     return w.detach(), CPU_FORMATS[w.dtype]
 

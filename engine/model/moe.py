@@ -172,7 +172,9 @@ class MoE(torch.nn.Module):
             fmt, group = cpu.FORMATS[ex.spec.fmt], ex.spec.group if ex.spec.fmt == "int4" else 0
         elif ex.gate_up.dtype in CPU_FORMATS:
             (gu, fmt), (dn, dn_fmt) = kernel_dense(ex.gate_up), kernel_dense(ex.down)
-            if dn_fmt != fmt:  # the kernel takes one format for both: the weights as stored
+            if dn_fmt != fmt:  # the kernel takes one format for both: unblocked copies, or as stored
+                (gu, fmt), (dn, dn_fmt) = kernel_dense(ex.gate_up, blocks=False), kernel_dense(ex.down, blocks=False)
+            if dn_fmt != fmt:
                 gu, dn, fmt = ex.gate_up.detach(), ex.down.detach(), CPU_FORMATS[ex.gate_up.dtype]
             experts, group = [gu, e, e, dn, e, e], 0
         else:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("moedesk_cpu.cpp")
-FORMATS = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3, "bf16_exact": 4}
+FORMATS = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3, "bf16_exact": 4, "bf16_blocks": 5}
 MAX_ROWS = 16  # what the kernels take (decode and verification); more rows go to the PyTorch products
 log = logging.getLogger(__name__)
 
@@ -113,3 +113,10 @@ def empty() -> torch.Tensor:
 
 
 _EMPTY = torch.empty(0)
+
+
+def blocks16(w: torch.Tensor) -> torch.Tensor:
+    """bf16 rows [..., N, K] in the kernels' format "bf16_blocks": each block of 16 rows stored column by
+    column ((n, k) at (n // 16) · 16K + 16k + n % 16), kept in a tensor of the same shape."""
+    *lead, N, K = w.shape
+    return w.reshape(*lead, N // 16, 16, K).transpose(-1, -2).contiguous().reshape(w.shape)
