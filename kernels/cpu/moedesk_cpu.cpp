@@ -1175,6 +1175,36 @@ inline float dot_row(const float* q, const void* row, bool bf16, int64_t D) {
   return acc;
 }
 
+// sc[s] = dot_row(q, rows + s · stride) for s < n: four rows at a time on AVX-512, their four sums taken
+// in one transposing tree with _mm512_reduce_add_ps's pairing (lanes i + 8, i + 4, i + 2, i + 1), so each
+// score has dot_row's bits. The attention's scores were one 16-lane horizontal sum per cached row.
+void dot_rows(const float* q, const void* rows, bool bf16, int64_t n, int64_t stride, int64_t D, float* sc) {
+  const int64_t esz = bf16 ? 2 : 4;
+  const char* base = static_cast<const char*>(rows);
+  int64_t s = 0;
+#ifdef __AVX512F__
+  if (isa() == AVX512) {
+    for (; s + 4 <= n; s += 4) {
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t c = 0; c < D; c += 16) {
+        const __mmask16 m = tail_mask(D - c);
+        const __m512 qv = _mm512_maskz_loadu_ps(m, q + c);
+        for (int j = 0; j < 4; ++j)
+          acc[j] = _mm512_fmadd_ps(qv, load_f32(base + ((s + j) * stride + c) * esz, bf16, m), acc[j]);
+      }
+      const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(acc[0], acc[1], 0x44), _mm512_shuffle_f32x4(acc[0], acc[1], 0xEE));
+      const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2], acc[3], 0x44), _mm512_shuffle_f32x4(acc[2], acc[3], 0xEE));
+      const __m512 quads = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+      const __m512 pairs = _mm512_add_ps(quads, _mm512_permute_ps(quads, 0x4E));
+      const __m512 sums = _mm512_add_ps(pairs, _mm512_permute_ps(pairs, 0xB1));  // row j's sum: lanes 4j..4j+3
+      _mm_storeu_ps(sc + s, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_set_epi32(
+          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), sums)));
+    }
+  }
+#endif
+  for (; s < n; ++s) sc[s] = dot_row(q, base + s * stride * esz, bf16, D);
+}
+
 // o[c] = Σ_s p[s] · rows[s][c] for c < C over n rows of stride `stride` values, fp32 or bf16: 64 columns
 // (AVX2: 32) at a time stay in registers while the rows stream past.
 void weighted_rows(const float* p, const void* rows, bool bf16, int64_t n, int64_t stride, float* o, int64_t C) {
@@ -1550,10 +1580,8 @@ void mla_layer(float* x, int64_t T, int64_t H, const at::Tensor* t, const int64_
       for (int64_t i = 0; i < T; ++i) {  // token i sees cache rows 0..start+i
         const int64_t n = start + i + 1;
         float mx = -INFINITY;
-        for (int64_t s2 = 0; s2 < n; ++s2) {
-          sc[s2] = dot_row(qh + i * (C + R), kb + s2 * (C + R) * esz, bf16, C + R);
-          mx = std::max(mx, sc[s2]);
-        }
+        dot_rows(qh + i * (C + R), kb, bf16, n, C + R, C + R, sc.data());
+        for (int64_t s2 = 0; s2 < n; ++s2) mx = std::max(mx, sc[s2]);
         const float inv = 1.f / exp_shifted(sc.data(), n, -mx);
         for (int64_t s2 = 0; s2 < n; ++s2) sc[s2] *= inv;
         weighted_rows(sc.data(), kb, bf16, n, C + R, oh + i * C, C);
