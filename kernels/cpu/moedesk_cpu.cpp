@@ -207,10 +207,14 @@ bool g_teams = true;     // whether layers_decode runs on a team (set_team: off 
 Team* g_team = nullptr;  // the team of the pass that is running, if any (only thread 0 reads it)
 constexpr int64_t TEAM_BYTES = 4 * 1024;  // on a team, smaller weights stay on thread 0
 
-// The team for this many threads, started at the first pass and kept.
+// The team for this many threads, started at the first pass and kept. Never destroyed at exit: a pass
+// still running on another Python thread then would find it gone (its threads end with the process).
 Team& team_of(int threads) {
-  static std::unique_ptr<Team> team;
-  if (!team || team->size() != threads) team = std::make_unique<Team>(threads);
+  static Team* team = nullptr;
+  if (!team || team->size() != threads) {
+    delete team;  // between passes (thread 0 asks here first): its helpers are idle, and joined
+    team = new Team(threads);
+  }
   return *team;
 }
 
