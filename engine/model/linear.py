@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from kernels import cpu
 
 CPU_FORMATS = {torch.float32: cpu.FORMATS["fp32"], torch.bfloat16: cpu.FORMATS["bf16"]}
-AVX512 = 2  # moedesk::set_isa's level for AVX-512
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +63,7 @@ def kernel_dense(w: torch.Tensor, blocks: bool = True) -> tuple[torch.Tensor, in
     if bf16_valued(w):
         if free_memory() > 4 * w.numel():
             copy = w.detach().to(torch.bfloat16)
-            if blocks and w.shape[-2] % 16 == 0 and cpu.available() and torch.ops.moedesk.set_isa(-1) >= AVX512:
+            if blocks and w.shape[-2] % 16 == 0 and cpu.available() and torch.ops.moedesk.set_isa(-1) >= cpu.AVX512:
                 return cpu.blocks16(copy), cpu.FORMATS["bf16_blocks"]
             return copy, cpu.FORMATS["bf16_exact"]
         log.info("no memory to spare for a bf16 copy of a %s weight; the kernels read it as fp32", tuple(w.shape))

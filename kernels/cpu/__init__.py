@@ -18,6 +18,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("moedesk_cpu.cpp")
 FORMATS = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3, "bf16_exact": 4, "bf16_blocks": 5}
+AVX512 = 2  # moedesk::set_isa's level for AVX-512
 MAX_ROWS = 16  # what the kernels take (decode and verification); more rows go to the PyTorch products
 log = logging.getLogger(__name__)
 

@@ -58,6 +58,17 @@ namespace {
 //
 // Helpers spin while a pass is on and for SPIN_AFTER_PASS after it (the Python between two decode steps),
 // yielding now and then, then sleep on a futex (std::atomic::wait) until the next pass wakes them.
+// The cache line at p into L2. As inline asm: GCC 12 dropped _mm_prefetch from every kernel but the int8
+// ones. The address goes in a register: a memory operand made GCC store the accumulators to the stack
+// before every prefetch.
+inline void prefetch_l2(const void* p) {
+#if defined(__x86_64__) || defined(_M_X64)
+  asm volatile("prefetcht1 (%0)" : : "r"(p));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
 inline void relax() {
 #if defined(__x86_64__) || defined(_M_X64)
   _mm_pause();
@@ -227,23 +238,17 @@ void on_team(F&& pass) {
     pass();
     return;
   }
-  Team& team = team_of(threads);
-  team.begin();
-  g_team = &team;
-  try {
-    pass();
-  } catch (...) {
-    g_team = nullptr;
-    team.end();
-    throw;
-  }
-  g_team = nullptr;
-  team.end();
+  struct Pass {  // the team serves from here until the pass returns or throws
+    Team& team;
+    explicit Pass(Team& t) : team(t) { team.begin(), g_team = &team; }
+    ~Pass() { g_team = nullptr, team.end(); }
+  } on(team_of(threads));
+  pass();
 }
 
-
 // f(lo, hi) over [0, n): on the running team when there is one and the work is worth a hand-off (work:
-// bytes read), else on ATen's pool above parallel_bytes with slices of at least grain.
+// bytes read); otherwise, above parallel_bytes, on the team for this call alone (ATen's pool with slices of
+// at least grain where teams are off).
 template <class F>
 void parallel(int64_t n, int64_t grain, int64_t align, int64_t work, int64_t parallel_bytes, F&& f) {
   if (g_team && g_team->busy()) {
@@ -533,18 +538,14 @@ struct Weight {
   // ahead of each row's read position, into L2, once per 64-byte line (it may run up to PREFETCH past
   // the slice: prefetches never fault). V2-Lite expert shapes from memory, 2 threads, one token: bf16
   // 24 → 30 GB/s, int8 16 → 30, int4 10 → 24. A slice under PREFETCH_FROM bytes (the bundled model's
-  // products) asks for nothing: pf is the same for the whole call, so the compiler splits the loops on
-  // it and the in-cache dot loops carry no prefetch at all.
+  // products) asks for nothing: in-cache dot loops pay one well-predicted test of pf per step.
   static constexpr int64_t PREFETCH = 16384, PREFETCH_FROM = 64 * 1024;
 
   template <int FMT>
   static inline void ahead(const uint8_t* row, int64_t k, bool pf) {
     constexpr int64_t line = FMT == F32 ? 16 : FMT == BF16 ? 32 : FMT == I8 ? 64 : 128;  // columns a line
     if (!pf || k % line) return;
-    const uint8_t* p = row + (FMT == F32 ? k * 4 : FMT == BF16 ? k * 2 : FMT == I8 ? k : k / 2) + PREFETCH;
-    // As inline asm: GCC 12 dropped _mm_prefetch from every kernel but the int8 ones. The address goes
-    // in a register: a memory operand made GCC store the accumulators to the stack before every prefetch.
-    asm volatile("prefetcht1 (%0)" : : "r"(p));
+    prefetch_l2(row + (FMT == F32 ? k * 4 : FMT == BF16 ? k * 2 : FMT == I8 ? k : k / 2) + PREFETCH);
   }
 
   // step(k, s, zs) for every STEP columns of rows n..n+R-1: int4 group by group with each row's scale s
@@ -756,7 +757,6 @@ struct Weight {
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < MB; ++m) y[m * ldy + n + r] = acc[r][m] * (scale[n + r] * xscale[m0 + m]);
   }
-
 #endif
 
   template <int FMT, int R, int MB>
@@ -969,7 +969,7 @@ struct Weight {
       __m512 wv[V];
       for (int v = 0; v < V; ++v) {
         const uint16_t* p = w + v * 16 * K + k * 16;
-        if (pf && !(k & 1)) asm volatile("prefetcht1 (%0)" : : "r"(p + PREFETCH / 2));  // a line per 2 columns
+        if (pf && !(k & 1)) prefetch_l2(p + PREFETCH / 2);  // a line per 2 columns
         wv[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(p))), 16));
       }
