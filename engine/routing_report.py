@@ -62,6 +62,8 @@ def text_figures(pre: Pretrained, documents: list[str], window: int = 512) -> di
             "max_mean_load": r["max_mean_load"], "max_mean_load_worst": r["max_mean_load_worst"],
             "cv": r["cv"], "entropy": r["entropy"], "expert_union": r["expert_union"],
             "load_per_layer": [x["max_mean_load"] for x in r["layers"]],
+            # U(4)/top_k: how many single tokens' worth of experts a 4-token verification reads, per layer
+            "union_per_top_k_layers": [x["expert_union"][UNION_K] / r["top_k"] for x in r["layers"]],
             "mtp_acceptance_per_position": mtp_acceptance(pre.model, ids, window),
             **batch_load(pre.model, [pre.tokenizer.encode(d) for d in documents], BATCH_WINDOW,
                          min(BATCH_DOCUMENTS, len(documents)))}
@@ -144,6 +146,8 @@ def format_report(r: dict) -> str:
     width = max(len(x[0]) for x in rows)
     lines = [f"{'':<{width}}  {'before':>26}  {'after':>26}"]
     lines += [f"{n:<{width}}  {x:>26}  {y:>26}" for n, x, y in rows]
+    lines.append("U(4)/top_k per layer, before → after: " + ", ".join(
+        f"{x:.2f}→{y:.2f}" for x, y in zip(b["union_per_top_k_layers"], a["union_per_top_k_layers"])))
     for name, c in r["checks"].items():
         v = c["value"]
         lines.append(f"check {name}: {v if isinstance(v, bool) else round(v, 4)} (target {c['target']}): "

@@ -62,6 +62,7 @@ def test_routing_report_cli_on_a_rebalanced_copy(tmp_path, capsys):
                  "--window", "128", "--k", "2", "--max-tokens", "8", "--repeat", "1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "expert union per 4-token window" in printed and "check batch_max_mean_load" in printed
+    assert "U(4)/top_k per layer" in printed
     text.write_text("\n\n".join((docs / f"d{i}.txt").read_text() for i in range(3)))
     r = json.loads(out.read_text())
     for name, folder in (("before", src), ("after", after)):
@@ -70,6 +71,8 @@ def test_routing_report_cli_on_a_rebalanced_copy(tmp_path, capsys):
         assert got["perplexity"] == pytest.approx(expected["perplexity"])
         assert got["max_mean_load"] == pytest.approx(expected["routing"]["max_mean_load"])
         assert got["expert_union"] == pytest.approx(expected["routing"]["expert_union"])
+        assert got["union_per_top_k_layers"] == pytest.approx(
+            [x["expert_union"]["3"] / expected["routing"]["top_k"] for x in expected["routing"]["layers"]])
         assert len(got["mtp_acceptance_per_position"]) == 1 and 0 <= got["mtp_acceptance_per_position"][0] <= 1
         assert got["documents"] == 3 and got["batches"] >= 1 and 1 <= got["batch_max_mean_load"] <= 4
         bench = r["bench"][name]

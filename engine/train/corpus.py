@@ -167,3 +167,33 @@ def split_documents(texts: list[str], min_chars: int = 3000) -> list[str]:
         if piece:
             out.append("".join(piece))
     return out
+
+
+UNSEEN_PACKAGES = ("test", "idlelib", "lib2to3", "tkinter", "turtledemo")  # in SKIP_MODULES: never trained on
+
+
+def unseen_documents(split: str, count: int = 64, min_chars: int = 3000, max_chars: int = 60_000) -> dict[str, str]:
+    """Held-out documents for routing measurements: whole standard-library files from packages the corpus
+    skips (tests, idlelib, lib2to3, tkinter, turtledemo), so no model trained here has seen them. Files
+    are split by a hash of their path into two disjoint sets, "dev" (to choose tuning settings on) and
+    "test" (to report on), and `count` of each are taken in hash order. Name → text."""
+    if split not in ("dev", "test"):
+        raise ValueError("split must be 'dev' or 'test'")
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    ranked = []
+    for package in UNSEEN_PACKAGES:
+        for path in sorted((lib / package).rglob("*.py")):
+            rel = path.relative_to(lib).as_posix()
+            h = int(hashlib.sha256(rel.encode()).hexdigest(), 16)
+            if ("dev", "test")[h % 2] != split:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if min_chars <= len(text) <= max_chars:
+                ranked.append((h, rel, text))
+    ranked.sort()
+    return {rel: f"# {rel}\n{text}" for _, rel, text in ranked[:count]}
