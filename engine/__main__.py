@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("kl", float, "β of the KL penalty to the starting router"),
                              ("lambda-bal", float, "weight of max/mean load − 1"),
                              ("balance-scope", str, "load measured over the whole rollout ('rollout', default) or per token window ('window')"),
+                             ("credit", str, "a router's advantage from its own layer's routing cost ('layer', default) or the whole reward ('shared')"),
                              ("lambda-ent", float, "weight of the routing entropy"),
                              ("lambda-union", float, "weight of the expert union per window"),
                              ("seq-balance", float, "α of DeepSeek-V3's sequence-wise balance loss (default 0: off)"),

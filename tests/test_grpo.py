@@ -288,3 +288,41 @@ def test_tune_routing_runs_on_other_deepseek_checkpoints(kind, tmp_path):
     assert any(k.endswith("mlp.gate.weight") for k in changed)
     model = load_model(out)
     assert model.logits(model(torch.arange(2, 10)[None])).isfinite().all()
+
+
+def test_layer_credit_gives_each_router_the_advantage_of_its_own_routing_cost(tmp_path):
+    """credit="layer": router l's advantage is the group-normalized −loss − (its own λ_bal·load, λ_ent·entropy,
+    λ_union·union); the mean of those costs over the routers is exactly the routing part of the total reward
+    (a model without MTP, so every router is a main layer); credit="shared" gives every router the total's."""
+    from engine.model.checkpoint import load_model
+    from engine.train.mtp_loss import lm_and_mtp_losses
+    from engine.train.tune_routing import advantages, rewards, routers_of, tune
+
+    src = write_tiny_model(tmp_path / "src", seed=1, num_nextn_predict_layers=0, num_hidden_layers=3)
+    model = load_model(src, device="cpu", dtype="float32")
+    routers = [r for _, r in routers_of(model)]
+    assert len(routers) >= 2
+    s = TuneSettings(group=4, batch=2, seq_len=32, chunk=16, lambda_union=0.7, lambda_ent=0.2, lambda_bal=0.5)
+    tokens = torch.randint(0, 512, (s.batch, s.seq_len), generator=torch.Generator().manual_seed(0))
+    with Sampler(routers, s.temperature) as sampler, torch.no_grad():
+        sampler.gen = torch.Generator().manual_seed(0)
+        lm, mtp = lm_and_mtp_losses(model, tokens.repeat(s.group, 1), reduction="none")
+        parts = rewards(model, sampler, lm, mtp, s)
+    costs = parts["layer"]
+    assert len(costs) == len(routers) and all(c.shape == parts["reward"].shape for c in costs)
+    torch.testing.assert_close(sum(costs) / len(costs), -parts["reward"] - parts["loss"])
+    for j, rec in enumerate(sampler.records):  # one router's union, from its own choices only
+        r = routers[j]
+        u = window_union(rec["ids"].view(s.group * s.batch, -1, r.top_k), r.n_experts, s.window)
+        own = u.view(s.group, s.batch, 2, 4).mean(-1)  # 2 chunks of 4 windows
+        imb = load_imbalance(rec["ids"].view(s.group, -1, r.top_k), r.n_experts)[:, None, None]
+        ent = rec["entropy"].view(s.group, s.batch, 2, 16).mean(-1)
+        torch.testing.assert_close(costs[j], 0.5 * (imb - 1) + 0.7 * own + 0.2 * ent)
+    per_layer = advantages(parts, s)
+    for adv, cost in zip(per_layer, costs):
+        torch.testing.assert_close(adv, group_advantages(-parts["loss"] - cost))
+    assert not torch.equal(per_layer[0], per_layer[1])
+    shared = advantages(parts, TuneSettings(credit="shared"))
+    torch.testing.assert_close(shared, group_advantages(parts["reward"]))
+    with pytest.raises(ValueError, match="credit"):
+        tune(src, tmp_path / "x", TuneSettings(steps=1, credit="both"))

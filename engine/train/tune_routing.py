@@ -8,13 +8,15 @@ rule keeps, and the policy samples experts inside them.
 
 Each step takes B token windows and routes them G times (one batched forward under no_grad; rewards
 only, no backprop through the network). A rollout is scored per chunk of `chunk` tokens of one
-window (the chunk's decisions in every layer share its advantage, which keeps the credit local):
+window (the chunk's decisions share its advantage, which keeps the credit local):
   reward = −(LM + MTP loss) − λ_bal·(max/mean load − 1) − λ_ent·routing entropy − λ_union·expert union
 with the load imbalance taken over the whole rollout (or, with balance_scope="window", over each token
 window alone, so that load is even within one text too), the routing entropy and the union = distinct
 experts per window of `window` consecutive tokens (one verification pass of speculative decoding) over
 the main layers; entropy as engine/routing_stats.py defines it (what `engine eval` reports).
-Advantages are normalized over the G rollouts of the same chunk; the objective is PPO's clipped ratio
+Advantages are normalized over the G rollouts of the same chunk, per router by default (credit "layer":
+a router's decisions are credited with −(LM + MTP loss) minus its own layer's load, entropy and union
+terms, not the other layers', which its choices do not move); the objective is PPO's clipped ratio
 per routing decision plus β·KL(policy ‖ starting router) (exact, per token, over the first pick).
 Only the router weights are in the optimizer; the score-correction bias follows DeepSeek-V3's
 auxiliary-loss-free rule on the rollouts' loads after every step (learning it by reward would let the
@@ -72,6 +74,7 @@ class TuneSettings:
     kl: float = 0.05  # β
     lambda_bal: float = 1.0
     balance_scope: str = "rollout"  # max/mean load over the whole rollout, or per token window ("window")
+    credit: str = "layer"  # a router's advantage from its own routing cost ("layer") or the total ("shared")
     lambda_ent: float = 0.0
     lambda_union: float = 0.3
     seq_balance: float = 0.0  # α of DeepSeek-V3's sequence-wise balance loss in the policy objective (0: off)
@@ -179,29 +182,47 @@ def load_imbalance(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 def rewards(model: Transformer, sampler: Sampler, lm: torch.Tensor, mtp: list[torch.Tensor],
             s: TuneSettings) -> dict[str, torch.Tensor]:
-    """Every reward component and the total, each [G, B, C] (C chunks per window)."""
+    """Every reward component and the total, each [G, B, C] (C chunks per window); and under "layer"
+    (a list, one [G, B, C] per router) each router's own routing cost: λ_bal·(its load − 1) + λ_ent·its
+    entropy + λ_union·its union (the last two on main layers only, as in the totals)."""
     G, B, T = s.group, lm.shape[0] // s.group, lm.shape[1] + 1
     C, n_main = T // s.chunk, model.cfg.num_hidden_layers
     loss = chunk_mean(lm, C, s.chunk)
     for m in mtp:
         loss = loss + s.mtp_weight / len(mtp) * chunk_mean(m, C, s.chunk)
-    union, ent, imb, n_layers = 0.0, 0.0, 0.0, 0
+    union, ent, imb, n_layers, costs = 0.0, 0.0, 0.0, 0, []
     for r, rec in zip(sampler.routers, sampler.records):
         ids = rec["ids"].view(G * B, -1, r.top_k)
         if s.balance_scope == "window":  # each window's own load: even within a text, not only across texts
-            imb = imb + load_imbalance(ids, r.n_experts).view(G, B, 1) / len(sampler.routers)
+            imb_r = load_imbalance(ids, r.n_experts).view(G, B, 1)
         else:
-            imb = imb + load_imbalance(ids.view(G, -1, r.top_k), r.n_experts)[:, None, None] / len(sampler.routers)
+            imb_r = load_imbalance(ids.view(G, -1, r.top_k), r.n_experts)[:, None, None]
+        imb = imb + imb_r / len(sampler.routers)
+        cost = s.lambda_bal * (imb_r.expand(G, B, C) - 1)
         if ids.shape[1] == T and n_layers < n_main:  # a main layer (MTP layers see fewer positions)
             n_layers += 1
-            union = union + chunk_mean(window_union(ids, r.n_experts, s.window), C, s.chunk // s.window)
-            ent = ent + chunk_mean(rec["entropy"].view(G * B, T), C, s.chunk)
+            union_r = chunk_mean(window_union(ids, r.n_experts, s.window), C, s.chunk // s.window).view(G, B, C)
+            ent_r = chunk_mean(rec["entropy"].view(G * B, T), C, s.chunk).view(G, B, C)
+            union, ent = union + union_r, ent + ent_r
+            cost = cost + s.lambda_union * union_r + s.lambda_ent * ent_r
+        costs.append(cost)
     parts = {"loss": loss, "union": union / max(n_layers, 1), "entropy": ent / max(n_layers, 1),
              "imbalance": imb.expand(G, B, C).reshape(G * B, C)}
     parts = {k: v.view(G, B, C) for k, v in parts.items()}
     parts["reward"] = (-parts["loss"] - s.lambda_bal * (parts["imbalance"] - 1) - s.lambda_ent * parts["entropy"]
                        - s.lambda_union * parts["union"])
+    parts["layer"] = costs
     return parts
+
+
+def advantages(parts: dict, s: TuneSettings) -> torch.Tensor | list[torch.Tensor]:
+    """credit "shared": every decision takes its chunk's advantage of the total reward. "layer": a router's
+    decisions take the advantage of −loss − its own routing cost, so that the other layers' union and
+    load, which its choices do not move, add no noise to its credit (the loss stays shared: every
+    router's choices move it)."""
+    if s.credit == "shared":
+        return group_advantages(parts["reward"])
+    return [group_advantages(-parts["loss"] - cost) for cost in parts["layer"]]
 
 
 def group_advantages(reward: torch.Tensor) -> torch.Tensor:
@@ -225,16 +246,17 @@ def sequence_balance(router: Router, x: torch.Tensor, ids: torch.Tensor, n_seq: 
     return (f * share.mean(1)).sum()
 
 
-def policy_loss(sampler: Sampler, ref: list[tuple[torch.Tensor, torch.Tensor | None]], adv: torch.Tensor,
-                s: TuneSettings) -> tuple[torch.Tensor, dict]:
-    """PPO-clipped surrogate per routing decision (its chunk's advantage) + β·KL to the start
-    (+ α·the sequence-wise balance loss, when seq_balance is set)."""
-    G, B, C = adv.shape
+def policy_loss(sampler: Sampler, ref: list[tuple[torch.Tensor, torch.Tensor | None]],
+                adv: torch.Tensor | list[torch.Tensor], s: TuneSettings) -> tuple[torch.Tensor, dict]:
+    """PPO-clipped surrogate per routing decision (its chunk's advantage: adv [G, B, C], or a list of them,
+    one per router) + β·KL to the start (+ α·the sequence-wise balance loss, when seq_balance is set)."""
+    per_router = adv if isinstance(adv, list) else [adv] * len(sampler.routers)
+    G, B, C = per_router[0].shape
     surr, kl, clipped, n, seq_bal = 0.0, 0.0, 0.0, 0, 0.0
-    for r, rec, (w0, b0) in zip(sampler.routers, sampler.records, ref):
+    for r, rec, (w0, b0), adv_r in zip(sampler.routers, sampler.records, ref, per_router):
         n_pos = rec["ids"].shape[0] // (G * B)
-        chunk_of = (torch.arange(n_pos, device=adv.device) // s.chunk).clamp_max(C - 1)
-        a = adv.reshape(G * B, C)[:, chunk_of].flatten()  # [G*B*n_pos]
+        chunk_of = (torch.arange(n_pos, device=adv_r.device) // s.chunk).clamp_max(C - 1)
+        a = adv_r.reshape(G * B, C)[:, chunk_of].flatten()  # [G*B*n_pos]
         logits = selection_logits(r, rec["x"], rec["allowed"], s.temperature)
         ratio = (plackett_luce(logits, rec["ids"]) - rec["logp"]).exp()
         surr = surr + torch.min(ratio * a, ratio.clamp(1 - s.clip, 1 + s.clip) * a).sum()
@@ -256,7 +278,8 @@ def tune_step(model: Transformer, sampler: Sampler, ref, opt, tokens: torch.Tens
     with torch.no_grad():
         lm, mtp = lm_and_mtp_losses(model, tokens.repeat(s.group, 1), reduction="none")
         parts = rewards(model, sampler, lm, mtp, s)
-    adv = group_advantages(parts["reward"])
+    adv = advantages(parts, s)
+    parts.pop("layer")
     stats = {}
     params = [p for g in opt.param_groups for p in g["params"]]
     for _ in range(s.epochs):
@@ -427,6 +450,8 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
     model_dir, out = Path(model_dir), Path(out)
     if s.balance_scope not in ("rollout", "window"):
         raise ValueError("--balance-scope must be 'rollout' or 'window'")
+    if s.credit not in ("layer", "shared"):
+        raise ValueError("--credit must be 'layer' or 'shared'")
     if out.resolve() == model_dir.resolve():
         raise ValueError("--out must be another folder than --model")
     out.mkdir(parents=True, exist_ok=True)
@@ -444,6 +469,7 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
     if state is not None:
         known = {f.name for f in fields(TuneSettings)}  # a state from an older version may name others
         saved = {k: v for k, v in state["settings"].items() if k in known}
+        saved.setdefault("credit", "shared")  # what runs saved before per-layer credit existed used
         saved |= {k: getattr(s, k) for k in AFTER_STEPS}  # what happens after the steps may change
         if saved != asdict(s):
             log(f"resuming with the saved settings (given ones differ): {saved}")
