@@ -247,3 +247,28 @@ def test_bf16_load(tmp_path):
         a, b = model.logits(model(ids))[0], ref.logits(ref(ids))[0]
     # bf16 rounding may flip a near-tied expert choice, so compare direction, not every value
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.98
+
+
+def test_a_bf16_checkpoint_loaded_in_fp32_is_known_to_hold_bf16_values_without_a_scan(tmp_path, monkeypatch):
+    """Parameters filled only from bf16 tensors are marked bf16-valued at load time (kernel_dense then needs
+    no scan of every weight before the first token); the mark agrees with a scan, and a parameter written
+    afterwards, or one read from an fp32 file, is scanned as before."""
+    from engine.model import linear
+    from engine.model.checkpoint import load_model
+
+    model = load_model(write_tiny_model(tmp_path / "bf16", save_dtype=torch.bfloat16), dtype="float32")
+    fp32 = load_model(write_tiny_model(tmp_path / "fp32"), dtype="float32")
+    scans = []
+    real_any = torch.Tensor.any
+    monkeypatch.setattr(torch.Tensor, "any", lambda self, *a, **k: scans.append(1) or real_any(self, *a, **k))
+    params = [p for n, p in model.named_parameters() if p.dim() >= 2 and ".router." not in n]  # routers: fp32
+    assert params and all(linear.bf16_valued(p) for p in params)
+    assert not scans  # answered from the load-time mark
+    bits = [p.detach().view(-1).view(torch.int32) & 0xFFFF for p in params]
+    assert not any(bool(real_any(b)) for b in bits)  # and the mark is true
+    with torch.no_grad():
+        params[0][0, 0] += 1e-3  # written: its version moves, so it is scanned again
+    assert not linear.bf16_valued(params[0]) and scans
+    scans.clear()
+    w = next(p for p in fp32.parameters() if p.dim() >= 2)
+    assert not linear.bf16_valued(w) and scans

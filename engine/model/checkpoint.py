@@ -23,7 +23,7 @@ from engine.model.transformer import Transformer
 from engine.quant import (STORED_PARTS, QuantEmbedding, QuantExperts, QuantLinear, QuantSpec, from_stored, to_stored,
                           logical_weights, plan_quantization, quantization_config, split_stored_name, stored_shape, swap_modules)
 from engine.routing import Router
-from engine.model.linear import Linear
+from engine.model.linear import Linear, mark_bf16_valued
 
 QUANT_MODULES = (QuantLinear, QuantExperts, QuantEmbedding)
 
@@ -390,6 +390,7 @@ def _copy_tensors(model, cfg, infos, plan: dict[str, Entry], progress: ProgressF
     modules = dict(model.named_modules())
     total = sum(_numel(infos[n].shape) for n in plan) or 1
     done = 0
+    from_bf16: dict[str, bool] = {}  # dense parameter → every part of it was read from bf16
     by_file: dict[Path, list[str]] = {}
     for name in plan:
         by_file.setdefault(infos[name].file, []).append(name)
@@ -411,11 +412,16 @@ def _copy_tensors(model, cfg, infos, plan: dict[str, Entry], progress: ProgressF
                 view = target_view(params[entry.target.param], entry.target)
                 if entry.kind == "dense":
                     view.copy_(t)
+                    param = entry.target.param
+                    from_bf16[param] = from_bf16.get(param, True) and t.dtype == torch.bfloat16
                 else:
                     _into_quantized(modules[entry.target.param.rsplit(".", 1)[0]], entry, t, tuple(view.shape), f, name)
                 done += t.numel()
                 if progress:
                     progress("loading weights", done / total)
+    for param, exact in from_bf16.items():
+        if exact and params[param].is_contiguous():
+            mark_bf16_valued(params[param])
 
 
 def _into_quantized(module, entry: Entry, t: torch.Tensor, shape: tuple, f: Path, name: str) -> None:

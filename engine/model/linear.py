@@ -39,6 +39,13 @@ def bf16_valued(w: torch.Tensor) -> bool:
     return seen[1]
 
 
+def mark_bf16_valued(w: torch.Tensor) -> None:
+    """Record that an fp32 tensor holds only bf16 values (it was filled from a bf16 checkpoint), so that
+    bf16_valued need not scan it: the scan of a multi-GiB model took seconds before its first token."""
+    if w.dtype == torch.float32 and w.device.type == "cpu":
+        w._moedesk_bf16_valued = ((w.data_ptr(), w._version), True)
+
+
 def free_memory() -> float:
     """Bytes of physical memory free now (where the OS says; elsewhere: no limit assumed)."""
     try:
