@@ -191,7 +191,10 @@ class DraftLength:
     this moves k with the text; where they do not, the fitted price is about 0 and nothing changes."""
 
     EMA = 0.2  # weight of the newest step-time observation
-    DECAY = 0.97  # acceptance counts fade so that the estimate follows the text being written
+    DECAY = 0.97  # acceptance counts of a position reached fade so that the estimate follows the text
+    STALE = 0.99  # and at every verification that does not reach it, more slowly: evidence that is never
+    # refreshed (a deep position after an unlucky start, while shorter drafts are chosen) gives way to
+    # the prior, so that draft length is tried again instead of being shut out for the rest of the run
     PRIOR = (0.8, 2.0)  # acceptance assumed before any evidence, and how many observations it weighs
     PROBE_FIRST, PROBE_MAX = 16, 256
     VERIFY_GROWTH = 0.05  # assumed extra verification cost per extra token, relative to a 1-token step
@@ -307,9 +310,14 @@ class DraftLength:
         self.n_obs[k] = self.n_obs.get(k, 0) + 1
         if k:
             self.t_draft = self._ema(self.t_draft, draft_s / k)
-            for j in range(min(accepted + 1, k)):  # positions reached this step
-                self.reached[j] = self.DECAY * self.reached[j] + 1.0
-                self.accepted[j] = self.DECAY * self.accepted[j] + (j < accepted)
+            reached = min(accepted + 1, k)  # positions reached this step
+            for j in range(self.k_max):
+                fade = self.DECAY if j < reached else self.STALE
+                self.reached[j] *= fade
+                self.accepted[j] *= fade
+                if j < reached:
+                    self.reached[j] += 1.0
+                    self.accepted[j] += j < accepted
 
 
 _controllers: "weakref.WeakKeyDictionary[Transformer, dict]" = weakref.WeakKeyDictionary()

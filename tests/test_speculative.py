@@ -235,3 +235,35 @@ def test_a_warm_up_outlier_does_not_shut_a_draft_length_out():
         t = (plain + per_draft * k) * (10 if step == 0 else 1)  # the first pass: a warm-up
         c.observe(k, 0 if step % 10 else min(k, 1), t, 0.5e-3 * k)  # a draft kept one step in ten
     assert chosen[-50:].count(0) >= 45, chosen[-50:]
+
+
+def test_an_unlucky_start_does_not_shut_longer_drafts_out():
+    """Drafts beyond the first all fail for the first 30 steps, then deeper positions are accepted 95/85/70%
+    of the time and two drafts per step pay best. The acceptance of a position that k=1 steps never reach
+    used to keep its unlucky estimate for good, and the controller stayed on k=1; fading that evidence
+    back to the prior must bring it to the longer drafts (a simulated cost per step, no clock)."""
+    import random
+
+    from engine.speculative import DraftLength
+
+    accept = [0.97, 0.95, 0.85, 0.7]
+
+    def run(policy) -> tuple[float, list[int]]:
+        rnd, c = random.Random(0), DraftLength(SpeculativeConfig(k="auto", k_max=4))
+        seconds = tokens = 0.0
+        chosen = []
+        for step in range(3000):
+            k = c.choose(4) if policy == "auto" else policy
+            kept = 0
+            while kept < k and rnd.random() < (0.0 if step < 30 and kept >= 1 else accept[kept]):
+                kept += 1
+            t = (1 + 0.6 * k) * 1e-3 * (1 + 0.1 * rnd.random())
+            c.observe(k, kept, t, 0.3e-3 * k)
+            seconds, tokens = seconds + t, tokens + kept + 1
+            chosen.append(k)
+        return tokens / seconds, chosen
+
+    best = max(run(k)[0] for k in range(1, 5))
+    rate, chosen = run("auto")
+    assert chosen[-1000:].count(1) < 100, {k: chosen[-1000:].count(k) for k in range(5)}
+    assert rate > 0.97 * best, (rate, best)
