@@ -67,6 +67,8 @@ class ExpertWindows:
         """The newest pass's routed-expert bytes (None before any, or where passes go unmeasured)."""
         if not self.routers or not self.routers[0].windows:
             return None
+        if self.routers[0].windows[-1].numel() == self.routers[0].top_k:  # one token: top_k experts everywhere
+            return float(sum(r.top_k * b for r, b in zip(self.routers, self.bytes)))
         ids = torch.stack([r.windows[-1].reshape(-1) for r in self.routers]).tolist()  # [L, rows·k]: one read
         return float(sum(len(set(row)) * b for row, b in zip(ids, self.bytes)))
 
