@@ -400,6 +400,38 @@ def test_a_team_pass_equals_a_pass_on_per_product_regions():
         busy.wait()
 
 
+def test_an_mtp_catch_up_of_17_to_64_positions_runs_in_16_row_calls_and_equals_the_modules(monkeypatch):
+    """mtp_draft over more positions than one kernel call takes (a catch-up after plain steps) goes to the
+    fused kernel in 16-row pieces, one after another (each piece's cache rows written before the next
+    reads them); hidden states, the last position's logits and the cache equal the modules run whole, and
+    the next pass over the cache agrees too. Above 4 pieces it runs the modules."""
+    from engine.model import transformer
+
+    model = small_model("fp32", 31, n_mtp=1, first_k_dense_replace=1, n_shared_experts=1)
+    g = torch.Generator().manual_seed(32)
+    calls = []
+    real = torch.ops.moedesk.mtp_decode
+    monkeypatch.setattr(torch.ops.moedesk, "mtp_decode", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    with torch.inference_mode():
+        for T in (40, 64, 65):
+            hidden = torch.randn(1, T + 1, model.cfg.hidden_size, generator=g)
+            ids = torch.randint(2, 96, (1, T + 1), generator=g)
+            outs = {}
+            for pieces in (4, 0):
+                monkeypatch.setattr(transformer, "CATCH_UP_CALLS", pieces)
+                model.setup_caches(1, 128)
+                calls.clear()
+                h, logits = model.mtp_draft(0, hidden[:, :T], ids[:, :T], 3)
+                shapes = list(calls)
+                nxt = model.mtp_forward(0, hidden[:, T:], ids[:, T:], 3 + T)  # reads every cache row
+                outs[pieces] = (h, logits, nxt, shapes)
+            (h, logits, nxt, shapes), (h0, logits0, nxt0, shapes0) = outs[4], outs[0]
+            assert shapes0 == [] and shapes == ([16] * (T // 16) + [T % 16] * (T % 16 > 0) if T <= 64 else [])
+            torch.testing.assert_close(h, h0, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits, logits0, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(nxt, nxt0, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["fp32", "int8"])
 def test_an_mtp_depth_in_one_call_equals_its_modules(variant):
     """moedesk::mtp_decode (enorm, hnorm, eh_proj, the block, head_norm and head in one call) gives the
