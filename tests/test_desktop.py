@@ -111,7 +111,10 @@ def test_killed_worker_marks_the_reply_interrupted_and_restart_works(qtbot, app_
 
 def test_continue_finishes_an_interrupted_reply_in_the_same_message(qtbot, app_window):
     window, session, store = app_window
-    send(qtbot, window, session, "Keep going", max_tokens=60)
+    # Long enough that the kill lands mid-reply however fast the worker decodes (60 tokens took ~40 ms once
+    # the engine got faster, and the reply could finish first); no end token, so the total is exact.
+    session.settings.ignore_eos = True
+    send(qtbot, window, session, "Keep going", max_tokens=900)
     qtbot.waitUntil(lambda: session.stream is not None and len(session.stream.timeline) >= 3, timeout=30000)
     with qtbot.waitSignal(session.worker.sig_died, timeout=5000):
         os.kill(session.worker.pid(), signal.SIGKILL)
@@ -127,7 +130,7 @@ def test_continue_finishes_an_interrupted_reply_in_the_same_message(qtbot, app_w
     done = session.thread()[-1]
     assert done["id"] == cut["id"] and done["status"] == "complete" and done["content"].startswith(cut["content"])
     assert len(done["content"]) > len(cut["content"]) and done["stats"]["continued"]
-    assert done["stats"]["generated_tokens"] == 60  # the cut-off part and the continuation
+    assert done["stats"]["generated_tokens"] == 900  # the cut-off part and the continuation
 
 
 def test_regenerate_and_edit_keep_versions(qtbot, app_window):
