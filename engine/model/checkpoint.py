@@ -420,7 +420,7 @@ def _copy_tensors(model, cfg, infos, plan: dict[str, Entry], progress: ProgressF
                 if progress:
                     progress("loading weights", done / total)
     for param, exact in from_bf16.items():
-        if exact and params[param].is_contiguous():
+        if exact:
             mark_bf16_valued(params[param])
 
 

@@ -306,7 +306,8 @@ class Transformer(torch.nn.Module):
             if done == T:
                 return torch.cat(parts, 1), out[1]
         h = self.mtp_forward(depth, hidden[:, done:], next_tokens[:, done:], start_pos + done)
-        return torch.cat(parts + [h], 1), self.mtp_logits(depth, h[:, -1])[0]
+        logits = self.mtp_logits(depth, h[:, -1])[0]
+        return (torch.cat(parts + [h], 1) if parts else h), logits
 
     # The static steps: positions as a device tensor input_pos [T], the caches written there and attended
     # whole under a mask. Fixed shapes for a given T and no host reads, so a CUDA graph can capture them

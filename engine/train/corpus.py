@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,8 +180,6 @@ def unseen_documents(split: str, count: int = 64, min_chars: int = 3000, max_cha
     "test" (to report on), and `count` of each are taken in hash order. Name → text."""
     if split not in ("dev", "test"):
         raise ValueError("split must be 'dev' or 'test'")
-    import sysconfig
-
     lib = Path(sysconfig.get_paths()["stdlib"])
     ranked = []
     for package in UNSEEN_PACKAGES:
