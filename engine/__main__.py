@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--minutes", type=float, default=80.0, help="time budget for the whole build")
     d.add_argument("--seed", type=int, default=0)
 
-    r = sub.add_parser("tune-routing", help="tune the MoE routers with GRPO (resumable; only router tensors change)")
+    r = sub.add_parser("tune-routing", help="tune the MoE routers with GRPO, then optionally heal the rest of the model (resumable)")
     r.add_argument("--model", default=None, help="model folder; default: the bundled model")
     r.add_argument("--data", default=None, help="text file to tune on (default: the bundled model's training data)")
     r.add_argument("--out", required=True, help="folder for the tuned checkpoint, its log and resume state")
@@ -121,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                              ("lambda-union", float, "weight of the expert union per window"),
                              ("seq-balance", float, "α of DeepSeek-V3's sequence-wise balance loss (default 0: off)"),
                              ("bias-step", float, "bias step γ after each GRPO step"),
+                             ("heal-steps", int, "steps of recovery training after the GRPO steps: every weight but "
+                                                 "the routers' learns the LM + MTP loss under the tuned routing (default 0)"),
+                             ("heal-lr", float, "AdamW learning rate of the healing (default 2e-4)"),
+                             ("heal-batch", int, "windows per healing step (default 16)"),
+                             ("heal-seq-len", int, "tokens per healing window (default 256)"),
                              ("calibrate-windows", int, "windows the bias is then balanced on (default 64; 0: none)"),
                              ("calibrate-len", int, "tokens per calibration window (default 512)"),
                              ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:

@@ -326,3 +326,52 @@ def test_layer_credit_gives_each_router_the_advantage_of_its_own_routing_cost(tm
     torch.testing.assert_close(shared, group_advantages(parts["reward"]))
     with pytest.raises(ValueError, match="credit"):
         tune(src, tmp_path / "x", TuneSettings(steps=1, credit="both"))
+
+
+def test_healing_trains_every_weight_but_the_routers_and_resumes(tmp_path, capsys):
+    """--heal-steps: after the GRPO steps every full-precision weight but the routers' learns the LM + MTP
+    loss (the routers keep their tuned weights), the run resumes mid-healing, the checkpoint keeps its
+    tensor names and dtypes and loads in the engine and in transformers; a quantized model is refused."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from engine.__main__ import main
+    from engine.model.checkpoint import checkpoint_files, load_model
+
+    src = write_tiny_model(tmp_path / "src", seed=3, num_nextn_predict_layers=1)
+    text = tmp_path / "text.txt"
+    text.write_text(inspect.getsource(textwrap))
+    out = tmp_path / "healed"
+    def args(model=src, to=out):
+        return ["tune-routing", "--model", str(model), "--data", str(text), "--out", str(to), "--group-size", "4",
+                "--batch", "2", "--seq-len", "32", "--chunk", "16", "--checkpoint-every", "2", "--calibrate-windows",
+                "2", "--calibrate-len", "32", "--steps", "2", "--heal-batch", "2", "--heal-seq-len", "32",
+                "--heal-lr", "1e-3"]
+
+    assert main(args() + ["--heal-steps", "2"]) == 0
+    assert main(args() + ["--heal-steps", "4"]) == 0  # resumes the healing at step 2
+    lines = [json.loads(x) for x in (out / "tune_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "step" in x] == [1, 2]
+    assert [x["heal_step"] for x in lines if "heal_step" in x] == [1, 2, 3, 4]
+    assert all(np.isfinite(x["lm"]) for x in lines)
+    assert json.loads((out / "tuning.json").read_text())["heal_steps_done"] == 4
+    a, b = (load_file(str(checkpoint_files(d)[0])) for d in (src, out))
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype for k in a)
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert any(k.endswith("mlp.gate.weight") for k in changed)
+    assert any(k.endswith("self_attn.o_proj.weight") for k in changed)
+    assert any(".mlp.experts." in k for k in changed)
+    tuned_only = tmp_path / "tuned"  # the same GRPO steps without healing: the same router weights
+    assert main(args(to=tuned_only) + ["--heal-steps", "0"]) == 0
+    c = load_file(str(checkpoint_files(tuned_only)[0]))
+    gates = [k for k in a if k.endswith("mlp.gate.weight")]
+    assert gates and all(torch.equal(b[k], c[k]) for k in gates)
+    model = load_model(out, device="cpu", dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(model(tokens)), hf(tokens).logits.float(), atol=2e-4, rtol=2e-4)
+    assert main(["quantize", "--model", str(src), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(args(model=tmp_path / "q", to=tmp_path / "qh") + ["--heal-steps", "1"]) == 2
+    assert "before quantizing" in capsys.readouterr().err
