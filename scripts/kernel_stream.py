@@ -1,5 +1,5 @@
 """moedesk's CPU products streaming from memory, GB/s: V2-Lite expert shapes (gate_up 2816 × 2048,
-down 2048 × 1408), enough distinct matrices to leave the cache, for 1 and 4 activation rows, beside the
+down 2048 × 1408), enough distinct matrices to leave the cache, for 1, 4 and 8 activation rows, beside the
 machine's read bandwidth (a 512 MiB fp32 sum), in one process. The figures behind docs/cpu_decode.md's
 "Reading at the memory's speed". Usage: .venv/bin/python scripts/kernel_stream.py [--formats bf16,int8,int4]"""
 from __future__ import annotations
@@ -54,6 +54,7 @@ def stream_rate(mats: list[tuple], rows: int, repeat: int = 7) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="bf16,int8,int4")
+    ap.add_argument("--rows", default="1,4,8", help="activation rows (tokens) per product")
     ap.add_argument("--mib", type=int, default=96, help="MiB of distinct weights per shape (beyond the L3)")
     args = ap.parse_args()
     if not cpu.available():
@@ -64,7 +65,7 @@ def main() -> int:
         for N, K in SHAPES:
             one = nbytes(weight(fmt, N, K, 0))
             mats = [weight(fmt, N, K, i) for i in range(max(2, args.mib * 2**20 // one))]
-            for rows in (1, 4):
+            for rows in map(int, args.rows.split(",")):
                 out[f"{fmt} {N}x{K} rows={rows} GBps"] = round(stream_rate(mats, rows) / 1e9, 1)
     print(json.dumps(out, indent=1))
     return 0
