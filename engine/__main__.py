@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                              ("heal-lr", float, "AdamW learning rate of the healing (default 2e-4)"),
                              ("heal-batch", int, "windows per healing step (default 16)"),
                              ("heal-seq-len", int, "tokens per healing window (default 256)"),
+                             ("heal-union", float, "weight of the soft expert union per verification window in the "
+                                                   "healing loss (default 0)"),
+                             ("heal-balance", float, "weight of the batch's load-balance loss in the healing loss (default 0)"),
                              ("calibrate-windows", int, "windows the bias is then balanced on (default 64; 0: none)"),
                              ("calibrate-len", int, "tokens per calibration window (default 512)"),
                              ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:

@@ -346,7 +346,7 @@ def test_healing_trains_every_weight_but_the_routers_and_resumes(tmp_path, capsy
         return ["tune-routing", "--model", str(model), "--data", str(text), "--out", str(to), "--group-size", "4",
                 "--batch", "2", "--seq-len", "32", "--chunk", "16", "--checkpoint-every", "2", "--calibrate-windows",
                 "2", "--calibrate-len", "32", "--steps", "2", "--heal-batch", "2", "--heal-seq-len", "32",
-                "--heal-lr", "1e-3"]
+                "--heal-lr", "1e-3", "--heal-union", "0.5", "--heal-balance", "0.5"]
 
     assert main(args() + ["--heal-steps", "2"]) == 0
     assert main(args() + ["--heal-steps", "4"]) == 0  # resumes the healing at step 2
@@ -354,6 +354,7 @@ def test_healing_trains_every_weight_but_the_routers_and_resumes(tmp_path, capsy
     assert [x["step"] for x in lines if "step" in x] == [1, 2]
     assert [x["heal_step"] for x in lines if "heal_step" in x] == [1, 2, 3, 4]
     assert all(np.isfinite(x["lm"]) for x in lines)
+    assert all(1 <= x["soft_union"] <= 4 and x["balance"] >= 1 - 1e-6 for x in lines if "heal_step" in x)
     assert json.loads((out / "tuning.json").read_text())["heal_steps_done"] == 4
     a, b = (load_file(str(checkpoint_files(d)[0])) for d in (src, out))
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype for k in a)
@@ -375,3 +376,21 @@ def test_healing_trains_every_weight_but_the_routers_and_resumes(tmp_path, capsy
     capsys.readouterr()
     assert main(args(model=tmp_path / "q", to=tmp_path / "qh") + ["--heal-steps", "1"]) == 2
     assert "before quantizing" in capsys.readouterr().err
+
+
+def test_soft_union_and_balance_terms():
+    """The healing's routing terms: the soft union is 1 when a window's tokens choose alike and the window
+    size when they share nothing; the balance loss is 1 when every expert gets the same share."""
+    from types import SimpleNamespace
+
+    from engine.train.tune_routing import routing_terms, soft_union
+
+    alike = torch.zeros(8, 4)
+    alike[:, 1] = 1
+    apart = torch.eye(4).repeat(2, 1)  # token t chooses expert t % 4
+    assert float(soft_union(alike, 4)) == 1.0 and float(soft_union(apart, 4)) == 4.0
+    router = SimpleNamespace(bias=torch.zeros(4))  # what the terms read of a router
+    ids = torch.arange(8).remainder(4)[:, None]
+    scores = torch.zeros(8, 4)  # even selection probabilities
+    union, balance = routing_terms([(router, scores, ids)], TuneSettings(window=4))
+    assert abs(float(union) - 1.0) < 1e-6 and abs(float(balance) - 1.0) < 1e-6

@@ -57,8 +57,8 @@ from engine.train.default_model import optimizer_tensors, restore_optimizer
 from engine.train.mtp_loss import lm_and_mtp_losses, mtp_hidden_states, mtp_training_loss
 
 ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
-AFTER_STEPS = ("steps", "heal_steps", "heal_lr", "heal_batch", "heal_seq_len", "calibrate_windows",
-               "calibrate_len")  # settings a resumed run takes as given
+AFTER_STEPS = ("steps", "heal_steps", "heal_lr", "heal_batch", "heal_seq_len", "heal_union", "heal_balance",
+               "calibrate_windows", "calibrate_len")  # settings a resumed run takes as given
 STATE, LOG = "tune_state", "tune_log.jsonl"  # STATE: a folder (its tensors are no model shard)
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")  # copied from --model to the output
@@ -88,6 +88,8 @@ class TuneSettings:
     heal_lr: float = 2e-4
     heal_batch: int = 16  # windows of heal_seq_len tokens per heal step
     heal_seq_len: int = 256
+    heal_union: float = 0.0  # weight of the soft expert union per verification window in the healing loss
+    heal_balance: float = 0.0  # weight of the batch's load-balance loss (Switch Transformer's) in it
     calibrate_windows: int = 64  # windows the bias is balanced on after the GRPO steps (0: not at all)
     calibrate_len: int = 512  # tokens per calibration window (at most the model's context)
     bias_step: float = 1e-3  # γ of the bias update after each GRPO step
@@ -426,13 +428,38 @@ def heal_params(model: Transformer) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if id(p) not in routers and p.is_floating_point()]
 
 
+def soft_union(q: torch.Tensor, window: int) -> torch.Tensor:
+    """A differentiable expert union: q [N, E] each token's selection probabilities (summing to 1), tokens
+    in order; Σ_e max over each window of `window` tokens, averaged over the whole windows. 1 when a
+    window's tokens agree, up to `window` when they share nothing."""
+    n = q.shape[0] // window * window
+    return q[:n].view(-1, window, q.shape[-1]).amax(dim=1).sum(-1).mean()
+
+
+def routing_terms(seen: list, s: TuneSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The healing's routing terms from the main layers' (router, scores [N, E], ids [N, k]) of one
+    forward pass: the mean soft union of the selection softmax((scores + bias) / τ), and the mean of
+    Switch Transformer's balance loss E · Σ_e f_e · P_e (f: the share of choices expert e got, P: its
+    mean selection probability; 1 when even). Gradients reach the hidden states, not the routers."""
+    unions, balances = [], []
+    for r, scores, ids in seen:
+        E = scores.shape[-1]
+        q = torch.softmax((scores + r.bias) / s.temperature, dim=-1)
+        unions.append(soft_union(q, s.window))
+        f = torch.bincount(ids.flatten(), minlength=E).float() / ids.numel()
+        balances.append(E * (f * q.mean(0)).sum())
+    return torch.stack(unions).mean(), torch.stack(balances).mean()
+
+
 def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state: dict, emit=print) -> None:
     """Recovery training after the routers are tuned: every weight but the routers' learns the LM + MTP
     loss (DeepSeek-V3's objective, as the model was trained) on windows of the tuning text, with the
     tuned routing and the bias held, so that the experts learn the tokens they now get. Router tuning
     alone trades perplexity for the union (+6.7% for −7.2%, the bundled model); healing took that back
     to +0.3% while keeping the union's cut (docs/routing.md). AdamW, a short warm-up then a cosine decay
-    to 30% of heal_lr, resumable from out/STATE/HEAL."""
+    to 30% of heal_lr, resumable from out/STATE/HEAL. With heal_union / heal_balance, the loss also
+    takes the main layers' soft expert union per verification window and the batch's balance loss
+    (routing_terms): the hidden states learn to route neighbouring tokens alike, evenly over a batch."""
     params = heal_params(model)
     for _, p in params:
         p.requires_grad_(True)
@@ -450,6 +477,15 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
         log(f"tune-routing: resuming the healing at step {state['heal_step']}")
     else:
         state["heal_step"] = 0
+    main = [r for n, r in routers_of(model) if n.startswith("layers.")]
+    seen: list = []  # this pass's (router, scores, ids), main layers only
+
+    def observe(router, scores, chosen):
+        if len(seen) < len(main):
+            seen.append((router, scores, chosen))
+
+    for r in main:
+        r.observe = observe
     model.train()
     t0 = time.perf_counter() - state.get("heal_elapsed", 0.0)
     while state["heal_step"] < s.heal_steps:
@@ -459,7 +495,12 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
         for g in opt.param_groups:
             g["lr"] = s.heal_lr * warm * decay_to
         tokens = windows(ids, s.heal_batch, s.heal_seq_len + 1, s.seed + 2, step)
+        seen.clear()
         loss, parts = mtp_training_loss(model, tokens, s.mtp_weight)
+        if seen and (s.heal_union or s.heal_balance):
+            union, balance = routing_terms(seen, s)
+            loss = loss + s.heal_union * union + s.heal_balance * balance
+            parts |= {"soft_union": union.item(), "balance": balance.item()}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
@@ -481,6 +522,8 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
             (out / STATE / "state.json").write_text(json.dumps(state))
     log("")
     model.eval()
+    for r in main:
+        r.observe = None
     for _, p in params:
         p.requires_grad_(False)
 
