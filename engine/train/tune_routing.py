@@ -454,7 +454,8 @@ def routing_terms(seen: list, s: TuneSettings) -> tuple[torch.Tensor, torch.Tens
 def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state: dict, emit=print) -> None:
     """Recovery training after the routers are tuned: every weight but the routers' learns the LM + MTP
     loss (DeepSeek-V3's objective, as the model was trained) on windows of the tuning text, with the
-    tuned routing and the bias held, so that the experts learn the tokens they now get. Router tuning
+    tuned routing and the bias held (calibrated just before), so that the experts learn the tokens they
+    now get. Router tuning
     alone trades perplexity for the union (+6.7% for −7.2%, the bundled model); healing took that back
     to +0.3% while keeping the union's cut (docs/routing.md). AdamW, a short warm-up then a cosine decay
     to 30% of heal_lr, resumable from out/STATE/HEAL. With heal_union / heal_balance, the loss also
@@ -473,6 +474,8 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
         with torch.no_grad():
             for n, p in params:
                 p.copy_(tensors[f"param.{n}"])
+            for n, r in routers_of(model):  # the bias the healing ran under (calibrated before it)
+                r.bias.copy_(tensors[f"bias.{n}"])
         restore_optimizer(opt, tensors)
         log(f"tune-routing: resuming the healing at step {state['heal_step']}")
     else:
@@ -517,6 +520,7 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
             f"eta {eta / 60:.1f}m", end="")
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.heal_steps:
             tensors = {f"param.{n}": p.detach().contiguous() for n, p in params} | optimizer_tensors(opt)
+            tensors |= {f"bias.{n}": r.bias.detach().contiguous() for n, r in routers_of(model)}
             save_file(tensors, str(path.with_suffix(".tmp")))
             path.with_suffix(".tmp").replace(path)
             (out / STATE / "state.json").write_text(json.dumps(state))
@@ -636,13 +640,19 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
         r.track_load(False)
     for p in params:
         p.requires_grad_(False)
-    if s.heal_steps:
-        heal(model, ids, s, out, state, emit)
-    if s.calibrate_windows:
-        n = min(s.calibrate_len, model.cfg.max_position_embeddings, ids.size - 1)
+    n = min(s.calibrate_len, model.cfg.max_position_embeddings, ids.size - 1)
+
+    def calibrate() -> None:
         log(f"tune-routing: balancing the bias on {s.calibrate_windows} windows of {n} tokens")
         loads = calibrate_bias(model, windows(ids, s.calibrate_windows, n, s.seed + 1, 0))
         log(f"tune-routing: max/mean load on them {max(loads, default=1.0):.3f} at worst")
+
+    if s.heal_steps:
+        if s.calibrate_windows and state.get("heal_step", 0) == 0:
+            calibrate()  # heal under the routing that will be used, not GRPO's running bias
+        heal(model, ids, s, out, state, emit)
+    if s.calibrate_windows:
+        calibrate()
     write_checkpoint(model, model_dir, out, healed=s.heal_steps > 0)
     (out / "tuning.json").write_text(json.dumps({"source": str(model_dir), "settings": asdict(s),
                                                  "steps_done": state["step"],
