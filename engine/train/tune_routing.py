@@ -30,7 +30,7 @@ The output folder holds the input checkpoint with only `mlp.gate.weight` and
 `mlp.gate.e_score_correction_bias` replaced (checked before it is written; after healing, every tensor,
 in its stored dtype), its config and tokenizer, tune_log.jsonl (one line per step, then per heal step),
 tuning.json, and tune_state/ (router tensors and optimizer state before the bias calibration, and the
-healing's tensors) to resume from, or to continue with more --steps.
+healing's checkpoint) to resume from, or to continue with more --steps.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ from engine.model.transformer import Transformer
 from engine.quant import quantization_config
 from engine.routing import Router, balancing_bias
 from engine.routing_stats import routing_entropy
-from engine.train.default_model import optimizer_tensors, restore_optimizer
+from engine.train.default_model import (TrainSettings, load_checkpoint, make_optimizer, optimizer_tensors,
+                                        progress_line, restore_optimizer, save_checkpoint)
 from engine.train.mtp_loss import lm_and_mtp_losses, mtp_hidden_states, mtp_training_loss
 
 ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
@@ -419,7 +420,7 @@ def check_only_routers_differ(src: Path, out: Path) -> list[str]:
 
 # ---- healing: the rest of the model learns the tuned routing ----
 
-HEAL = "heal.safetensors"  # in STATE: every trainable tensor and the heal optimizer's state
+HEAL = "heal"  # in STATE: the model and the healing optimizer's state (default_model.save_checkpoint)
 
 
 def heal_params(model: Transformer) -> list[tuple[str, torch.nn.Parameter]]:
@@ -455,30 +456,18 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
     """Recovery training after the routers are tuned: every weight but the routers' learns the LM + MTP
     loss (DeepSeek-V3's objective, as the model was trained) on windows of the tuning text, with the
     tuned routing and the bias held (calibrated just before), so that the experts learn the tokens they
-    now get. Router tuning
-    alone trades perplexity for the union (+6.7% for −7.2%, the bundled model); healing took that back
-    to +0.3% while keeping the union's cut (docs/routing.md). AdamW, a short warm-up then a cosine decay
-    to 30% of heal_lr, resumable from out/STATE/HEAL. With heal_union / heal_balance, the loss also
-    takes the main layers' soft expert union per verification window and the batch's balance loss
-    (routing_terms): the hidden states learn to route neighbouring tokens alike, evenly over a batch."""
+    now get. Router tuning alone trades perplexity for the union (+6.7% for −7.2%, the bundled model);
+    healing took that back to +0.3% while keeping the union's cut (docs/routing.md). AdamW as in
+    pretraining, a short warm-up then a cosine decay to 30% of heal_lr, resumable from out/STATE/HEAL.
+    With heal_union / heal_balance, the loss also takes the main layers' soft expert union per
+    verification window and the batch's balance loss (routing_terms): the hidden states learn to route
+    neighbouring tokens alike, evenly over a batch."""
     params = heal_params(model)
     for _, p in params:
         p.requires_grad_(True)
-    decay = [p for n, p in params if p.dim() >= 2]
-    other = [p for n, p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=s.heal_lr, betas=(0.9, 0.95))
-    path = out / STATE / HEAL
-    if state.get("heal_step", 0) and path.is_file():
-        tensors = load_file(str(path))
-        with torch.no_grad():
-            for n, p in params:
-                p.copy_(tensors[f"param.{n}"])
-            for n, r in routers_of(model):  # the bias the healing ran under (calibrated before it)
-                r.bias.copy_(tensors[f"bias.{n}"])
-        restore_optimizer(opt, tensors)
-        log(f"tune-routing: resuming the healing at step {state['heal_step']}")
-    else:
+    opt = make_optimizer(params, TrainSettings(lr=s.heal_lr))
+    # a resumed healing gets back every tensor, the bias it ran under (calibrated before it) included
+    if not (state.get("heal_step", 0) and load_checkpoint(out / STATE, HEAL, model, opt) is not None):
         state["heal_step"] = 0
     main = [r for n, r in routers_of(model) if n.startswith("layers.")]
     seen: list = []  # this pass's (router, scores, ids), main layers only
@@ -514,15 +503,12 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
         with (out / LOG).open("a") as logf:
             logf.write(line + "\n")
         emit(line)
-        width, done = 24, int(24 * (step + 1) / s.heal_steps)
-        eta = state["heal_elapsed"] / (step + 1) * (s.heal_steps - step - 1)
-        log(f"\rheal [{'#' * done}{'.' * (width - done)}] {step + 1}/{s.heal_steps} lm {parts['lm']:.3f} "
-            f"eta {eta / 60:.1f}m", end="")
+        elapsed = state["heal_elapsed"]
+        tok_s = (step + 1) * s.heal_batch * s.heal_seq_len / max(elapsed, 1e-9)
+        log(progress_line("heal", step + 1, s.heal_steps, {"lm": parts["lm"]}, tok_s,
+                          elapsed / (step + 1) * (s.heal_steps - step - 1)), end="")
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.heal_steps:
-            tensors = {f"param.{n}": p.detach().contiguous() for n, p in params} | optimizer_tensors(opt)
-            tensors |= {f"bias.{n}": r.bias.detach().contiguous() for n, r in routers_of(model)}
-            save_file(tensors, str(path.with_suffix(".tmp")))
-            path.with_suffix(".tmp").replace(path)
+            save_checkpoint(out / STATE, HEAL, model, opt, state)
             (out / STATE / "state.json").write_text(json.dumps(state))
     log("")
     model.eval()

@@ -648,10 +648,10 @@ struct Weight {
     }
   }
 
-  // The zero points' share of an int4 dot for row n: corr[m] = Σ_g (bias + z_g)·s_g · t[m · G + g], 16
-  // groups a step (as a scalar chain this took 40% of a 2048-column product).
+  // The zero points' share of an int4 dot for row n: corr[m] = Σ_g z_g·s_g · t[m · G + g], 16 groups a
+  // step (as a scalar chain this took 40% of a 2048-column product).
   template <int MB>
-  void zero_terms(int64_t n, float bias, const float* t, float* corr) const {
+  void zero_terms(int64_t n, const float* t, float* corr) const {
     const int64_t G = groups();
     const float* sc = scale + n * G;
     const uint8_t* zr = zero + n * G;
@@ -660,7 +660,7 @@ struct Weight {
     for (int64_t g = 0; g < G; g += 16) {
       const __mmask16 mk = tail_mask(G - g);
       const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, zr + g)));
-      const __m512 zs = _mm512_mul_ps(_mm512_add_ps(z, _mm512_set1_ps(bias)), _mm512_maskz_loadu_ps(mk, sc + g));
+      const __m512 zs = _mm512_mul_ps(z, _mm512_maskz_loadu_ps(mk, sc + g));
       for (int m = 0; m < MB; ++m) c[m] = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(mk, t + m * G + g), c[m]);
     }
     for (int m = 0; m < MB; ++m) corr[m] = _mm512_reduce_add_ps(c[m]);
@@ -779,7 +779,7 @@ struct Weight {
     alignas(64) float corr[MB][16] = {};
     for (int64_t r = 0; r < rows; ++r) {
       float c[MB];
-      zero_terms<MB>(n + r, 0.f, xsum + m0 * G, c);  // Σ_g z·s·(xs·Σ xq over the group)
+      zero_terms<MB>(n + r, xsum + m0 * G, c);  // Σ_g z·s·(xs·Σ xq over the group)
       for (int m = 0; m < MB; ++m) corr[m][r] = c[m];
     }
     const __mmask16 keep = tail_mask(rows);
@@ -1389,7 +1389,7 @@ std::vector<uint16_t> activations(const float* x, int64_t M, int64_t K, Weight& 
       for (int64_t b = 0; b < B; ++b) {
         const float* v = x + m * K + b * 64;
 #ifdef __AVX512VNNI__
-        if (!avx2) {  // the same values as the loop below, 16 at a time (a scalar loop cost ~7 µs per row of 2048)
+        if (!avx2) {  // the AVX2 loop's values, 16 at a time (a scalar loop cost ~7 µs per row of 2048)
           const int32_t sum = int8_block64(v, xq + m * K + b * 64, xs + m * B + b);
           xz[m * Z + b / per] += xs[m * B + b] * static_cast<float>(sum);
           continue;
@@ -1401,8 +1401,7 @@ std::vector<uint16_t> activations(const float* x, int64_t M, int64_t K, Weight& 
         int32_t sum = 0;
         for (int64_t i = 0; i < 64; ++i) {
           const int8_t t = static_cast<int8_t>(std::nearbyint(v[i] * inv));
-          const int64_t at = avx2 ? (i & 1) * 32 + (i >> 1) : (i & ~7) + (i & 1) * 4 + ((i & 7) >> 1);
-          xq[m * K + b * 64 + at] = t;
+          xq[m * K + b * 64 + (i & 1) * 32 + (i >> 1)] = t;
           sum += t;
         }
         xs[m * B + b] = sc;
