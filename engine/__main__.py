@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                              ("heal-union", float, "weight of the soft expert union per verification window in the "
                                                    "healing loss (default 0)"),
                              ("heal-balance", float, "weight of the batch's load-balance loss in the healing loss (default 0)"),
+                             ("distill-steps", int, "steps of MTP self-distillation after healing: the MTP modules "
+                                                    "learn the healed model's greedy choices again (default 0)"),
+                             ("distill-lr", float, "AdamW learning rate of the distillation (default 1e-3)"),
+                             ("distill-sequences", int, "greedy continuations generated to distill on (default 64)"),
                              ("calibrate-windows", int, "windows the bias is then balanced on (default 64; 0: none)"),
                              ("calibrate-len", int, "tokens per calibration window (default 512)"),
                              ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:

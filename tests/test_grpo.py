@@ -378,6 +378,49 @@ def test_healing_trains_every_weight_but_the_routers_and_resumes(tmp_path, capsy
     assert "before quantizing" in capsys.readouterr().err
 
 
+def test_distillation_trains_only_the_mtp_modules_and_resumes(tmp_path):
+    """--distill-steps: after healing, the MTP modules (not their routers) learn the main model's greedy
+    choices again; the main model's tensors are those of the same run without it, the run resumes
+    mid-distillation, and the agreement with the main model rises on the model's own text."""
+    from safetensors.torch import load_file
+
+    from engine.__main__ import main
+    from engine.model.checkpoint import checkpoint_files, load_model
+    from engine.train.default_model import distill_loss
+
+    src = write_tiny_model(tmp_path / "src", seed=4, num_nextn_predict_layers=1)
+    text = tmp_path / "text.txt"
+    text.write_text(inspect.getsource(textwrap))
+    def args(to):
+        return ["tune-routing", "--model", str(src), "--data", str(text), "--out", str(to), "--group-size", "4",
+                "--batch", "2", "--seq-len", "32", "--chunk", "16", "--checkpoint-every", "3", "--calibrate-windows",
+                "2", "--calibrate-len", "32", "--steps", "1", "--heal-steps", "1", "--heal-batch", "4",
+                "--heal-seq-len", "48", "--distill-sequences", "4", "--distill-lr", "1e-2"]
+
+    out, healed = tmp_path / "distilled", tmp_path / "healed"
+    assert main(args(out) + ["--distill-steps", "3"]) == 0
+    assert main(args(out) + ["--distill-steps", "12"]) == 0  # resumes at distillation step 3
+    assert main(args(healed)) == 0
+    lines = [json.loads(x) for x in (out / "tune_log.jsonl").read_text().splitlines()]
+    assert [x["distill_step"] for x in lines if "distill_step" in x] == list(range(1, 13))
+    assert json.loads((out / "tuning.json").read_text())["distill_steps_done"] == 12
+    a, b = (load_file(str(checkpoint_files(d)[0])) for d in (healed, out))
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype for k in a)
+    L = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    mtp = tuple(f"model.layers.{L + i}." for i in range(1))
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(mtp) for k in changed), sorted(changed)[:5]
+    assert not any(k.endswith("mlp.gate.weight") for k in changed)
+    own = torch.from_numpy(np.load(out / "tune_state" / "distill_ids.npy").astype(np.int64))
+    assert own.shape == (4, 48)
+    agree = []
+    for d in (healed, out):
+        model = load_model(d, device="cpu", dtype="float32")
+        with torch.no_grad():
+            agree.append(distill_loss(model, own)[1]["agree1"])
+    assert agree[1] > agree[0], agree
+
+
 def test_soft_union_and_balance_terms():
     """The healing's routing terms: the soft union is 1 when a window's tokens choose alike and the window
     size when they share nothing; the balance loss is 1 when every expert gets the same share."""

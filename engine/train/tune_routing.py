@@ -24,11 +24,12 @@ union fall by sending every token to the same few experts). After the GRPO steps
 outright on deterministic routing of `calibrate_windows` windows (`calibrate_bias`): γ-sized steps
 stall short of balance once the routers have sharpened. Those are the only tensors that change, unless
 --heal-steps asks for recovery training (`heal`): then every other full-precision weight learns the LM +
-MTP loss under the tuned routing, which takes back most of the perplexity the routing change cost.
+MTP loss under the tuned routing, which takes back most of the perplexity the routing change cost;
+--distill-steps then teaches the MTP modules the healed model's own greedy choices (`distill_mtp`).
 
 The output folder holds the input checkpoint with only `mlp.gate.weight` and
 `mlp.gate.e_score_correction_bias` replaced (checked before it is written; after healing, every tensor,
-in its stored dtype), its config and tokenizer, tune_log.jsonl (one line per step, then per heal step),
+in its stored dtype), its config and tokenizer, tune_log.jsonl (one line per step, heal and distill step),
 tuning.json, and tune_state/ (router tensors and optimizer state before the bias calibration, and the
 healing's checkpoint) to resume from, or to continue with more --steps.
 """
@@ -53,13 +54,14 @@ from engine.model.transformer import Transformer
 from engine.quant import quantization_config
 from engine.routing import Router, balancing_bias
 from engine.routing_stats import routing_entropy
-from engine.train.default_model import (TrainSettings, load_checkpoint, make_optimizer, optimizer_tensors,
-                                        progress_line, restore_optimizer, save_checkpoint)
+from engine.train.default_model import (TrainSettings, distill_loss, load_checkpoint, make_optimizer,
+                                        optimizer_tensors, progress_line, restore_optimizer, save_checkpoint)
 from engine.train.mtp_loss import lm_and_mtp_losses, mtp_hidden_states, mtp_training_loss
 
 ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
 AFTER_STEPS = ("steps", "heal_steps", "heal_lr", "heal_batch", "heal_seq_len", "heal_union", "heal_balance",
-               "calibrate_windows", "calibrate_len")  # settings a resumed run takes as given
+               "distill_steps", "distill_lr", "distill_sequences", "calibrate_windows",
+               "calibrate_len")  # settings a resumed run takes as given
 STATE, LOG = "tune_state", "tune_log.jsonl"  # STATE: a folder (its tensors are no model shard)
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")  # copied from --model to the output
@@ -91,6 +93,9 @@ class TuneSettings:
     heal_seq_len: int = 256
     heal_union: float = 0.0  # weight of the soft expert union per verification window in the healing loss
     heal_balance: float = 0.0  # weight of the batch's load-balance loss (Switch Transformer's) in it
+    distill_steps: int = 0  # steps of MTP self-distillation after healing (the MTP modules' weights alone)
+    distill_lr: float = 1e-3
+    distill_sequences: int = 64  # greedy continuations of the main model to distill on
     calibrate_windows: int = 64  # windows the bias is balanced on after the GRPO steps (0: not at all)
     calibrate_len: int = 512  # tokens per calibration window (at most the model's context)
     bias_step: float = 1e-3  # γ of the bias update after each GRPO step
@@ -482,10 +487,8 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
     t0 = time.perf_counter() - state.get("heal_elapsed", 0.0)
     while state["heal_step"] < s.heal_steps:
         step = state["heal_step"]
-        warm = min(1.0, (step + 1) / 20)
-        decay_to = 0.3 + 0.7 * 0.5 * (1 + np.cos(np.pi * step / s.heal_steps))
         for g in opt.param_groups:
-            g["lr"] = s.heal_lr * warm * decay_to
+            g["lr"] = short_schedule(step, s.heal_steps, s.heal_lr)
         tokens = windows(ids, s.heal_batch, s.heal_seq_len + 1, s.seed + 2, step)
         seen.clear()
         loss, parts = mtp_training_loss(model, tokens, s.mtp_weight)
@@ -497,7 +500,7 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
-        state.update(heal_step=step + 1, heal_elapsed=time.perf_counter() - t0)
+        state.update(heal_step=step + 1, heal_elapsed=time.perf_counter() - t0, distill_step=0, distill_elapsed=0.0)
         line = json.dumps({"heal_step": step + 1, **{k: round(v, 5) for k, v in parts.items()},
                            "elapsed_s": round(state["heal_elapsed"], 1)})
         with (out / LOG).open("a") as logf:
@@ -514,6 +517,86 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
     model.eval()
     for r in main:
         r.observe = None
+    for _, p in params:
+        p.requires_grad_(False)
+
+
+def short_schedule(step: int, total: int, lr: float) -> float:
+    """The learning rate of the runs after tuning: 20 warm-up steps, then a cosine down to 30% of lr."""
+    return lr * min(1.0, (step + 1) / 20) * (0.3 + 0.7 * 0.5 * (1 + np.cos(np.pi * step / total)))
+
+
+# ---- MTP self-distillation: the drafts follow the healed model ----
+
+DISTILL = "distill"  # in STATE: the model and the distillation optimizer's state; distill_ids.npy its text
+
+
+@torch.no_grad()
+def own_text(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state: dict) -> torch.Tensor:
+    """[distill_sequences, heal_seq_len]: the main model's greedy continuations of 32-token windows of
+    the tuning text (no stop at end of text: every row full), kept in STATE for a resumed run."""
+    from engine.generate import generate
+    from engine.sampling import SamplingParams
+
+    cache = out / STATE / "distill_ids.npy"
+    if cache.is_file() and state.get("distill_step", 0):  # a fresh distillation follows a changed model
+        return torch.from_numpy(np.load(cache).astype(np.int64))
+    prompts = windows(ids, s.distill_sequences, 32, s.seed + 3, 0).tolist()
+    model.setup_caches(1, s.heal_seq_len + 16)
+    rows = []
+    for i, p in enumerate(prompts):
+        log(f"\rtune-routing: the model's own text for the MTP modules {i + 1}/{len(prompts)}", end="")
+        rows.append(p + generate(model, p, SamplingParams(max_tokens=s.heal_seq_len - len(p))).token_ids)
+    log("")
+    text = torch.tensor(rows, dtype=torch.int64)
+    np.save(cache, text.numpy())
+    return text
+
+
+def distill_mtp(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state: dict, emit=print) -> None:
+    """The MTP modules (every weight but their routers') learn the main model's greedy choices again, as
+    the bundled model's build did (default_model.distill): healing moved the main model away from what
+    they predicted (G3's greedy k=3 on the bench's code prompt: 3.70 tokens per verification before
+    healing, 2.21 after; docs/routing.md). Half of each batch is the model's own greedy text, half
+    windows of the tuning text; the schedule is the healing's; resumable from out/STATE/DISTILL."""
+    routers = {id(r.weight) for _, r in routers_of(model)}
+    params = [(n, p) for n, p in model.named_parameters()
+              if n.startswith("mtp.") and id(p) not in routers and p.is_floating_point()]
+    opt = make_optimizer(params, TrainSettings(lr=s.distill_lr))
+    if not (state.get("distill_step", 0) and load_checkpoint(out / STATE, DISTILL, model, opt) is not None):
+        state["distill_step"] = 0
+    own = own_text(model.eval(), ids, s, out, state)
+    for _, p in params:
+        p.requires_grad_(True)
+    model.train()
+    half = max(1, s.heal_batch // 2)
+    t0 = time.perf_counter() - state.get("distill_elapsed", 0.0)
+    while state["distill_step"] < s.distill_steps:
+        step = state["distill_step"]
+        for g in opt.param_groups:
+            g["lr"] = short_schedule(step, s.distill_steps, s.distill_lr)
+        pick = torch.from_numpy(np.random.default_rng([s.seed + 4, step]).integers(0, own.shape[0], half))
+        batch = torch.cat([own[pick], windows(ids, half, own.shape[1], s.seed + 5, step)])
+        loss, parts = distill_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        opt.step()
+        state.update(distill_step=step + 1, distill_elapsed=time.perf_counter() - t0)
+        line = json.dumps({"distill_step": step + 1, "loss": round(loss.item(), 5),
+                           **{k: round(v, 5) for k, v in parts.items()}, "elapsed_s": round(state["distill_elapsed"], 1)})
+        with (out / LOG).open("a") as logf:
+            logf.write(line + "\n")
+        emit(line)
+        elapsed = state["distill_elapsed"]
+        tok_s = (step + 1) * 2 * half * own.shape[1] / max(elapsed, 1e-9)
+        log(progress_line("distill", step + 1, s.distill_steps, parts, tok_s,
+                          elapsed / (step + 1) * (s.distill_steps - step - 1)), end="")
+        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.distill_steps:
+            save_checkpoint(out / STATE, DISTILL, model, opt, state)
+            (out / STATE / "state.json").write_text(json.dumps(state))
+    log("")
+    model.eval()
     for _, p in params:
         p.requires_grad_(False)
 
@@ -573,8 +656,9 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     model = load_model(model_dir, device="cpu", dtype="float32")
-    if s.heal_steps and quantization_config(model) is not None:
-        raise ValueError("--heal-steps trains the full-precision weights: tune and heal the model before quantizing it")
+    if (s.heal_steps or s.distill_steps) and quantization_config(model) is not None:
+        raise ValueError("--heal-steps and --distill-steps train the full-precision weights: tune, heal and "
+                         "distill the model before quantizing it")
     routers = [r for _, r in routers_of(model)]
     if not routers:
         raise ValueError("this model has no MoE layers to tune")
@@ -599,7 +683,8 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
     if s.seq_len % s.chunk or s.chunk % s.window:
         raise ValueError("seq_len must be a multiple of chunk, and chunk of window")
     if (out / LOG).is_file():  # steps logged after the last checkpoint are run again: drop them
-        done = {"step": state["step"], "heal_step": state.get("heal_step", 0)}
+        done = {"step": state["step"], "heal_step": state.get("heal_step", 0),
+                "distill_step": state.get("distill_step", 0)}
         kept = [ln for ln in (out / LOG).read_text().splitlines()
                 if all(v <= done[k] for k, v in json.loads(ln).items() if k in done)]
         (out / LOG).write_text("".join(ln + "\n" for ln in kept))
@@ -612,7 +697,8 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
             step = state["step"]
             gen = torch.Generator().manual_seed(s.seed * 1_000_003 + step)
             parts = tune_step(model, sampler, ref, opt, windows(ids, s.batch, s.seq_len, s.seed, step), gen, s)
-            state.update(step=step + 1, elapsed=time.perf_counter() - t0, heal_step=0, heal_elapsed=0.0)
+            state.update(step=step + 1, elapsed=time.perf_counter() - t0, heal_step=0, heal_elapsed=0.0,
+                         distill_step=0, distill_elapsed=0.0)
             line = json.dumps({"step": step + 1, **{k: round(v, 5) for k, v in parts.items()},
                                "elapsed_s": round(state["elapsed"], 1)})
             logf.write(line + "\n")
@@ -637,12 +723,18 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
         if s.calibrate_windows and state.get("heal_step", 0) == 0:
             calibrate()  # heal under the routing that will be used, not GRPO's running bias
         heal(model, ids, s, out, state, emit)
+    if s.distill_steps:
+        if s.calibrate_windows and state.get("distill_step", 0) == 0:
+            calibrate()  # the drafts learn the main model's final routing
+        distill_mtp(model, ids, s, out, state, emit)
     if s.calibrate_windows:
         calibrate()
-    write_checkpoint(model, model_dir, out, healed=s.heal_steps > 0)
+    trained = s.heal_steps > 0 or s.distill_steps > 0
+    write_checkpoint(model, model_dir, out, healed=trained)
     (out / "tuning.json").write_text(json.dumps({"source": str(model_dir), "settings": asdict(s),
                                                  "steps_done": state["step"],
-                                                 "heal_steps_done": state.get("heal_step", 0)}, indent=1))
+                                                 "heal_steps_done": state.get("heal_step", 0),
+                                                 "distill_steps_done": state.get("distill_step", 0)}, indent=1))
     return out
 
 
