@@ -165,7 +165,33 @@ Measured on the exported files as the app loads them (fp32 on the CPU):
 {rows}
 
 MTP speculation with automatic draft length: **{auto.get('speedup', 0):.2f}×** over plain decoding.
-{quantization_section(f.get('quantization'))}"""
+{routing_section(info.get('routing'))}{quantization_section(f.get('quantization'))}"""
+
+
+def routing_section(r: dict | None) -> str:
+    """The card's account of the router tuning that produced these weights (scripts/ship_tuned.py)."""
+    if not r:
+        return ""
+    t, before, after = r["settings"], r["before"], r["after"]
+    rows = "\n".join(f"| {name} | {before[key]:{fmt}} | {after[key]:{fmt}} | {(after[key] / before[key] - 1) * 100:+.1f}% |"
+                     for name, key, fmt in (("perplexity", "perplexity", ".2f"),
+                                            ("expert union per 4-token window", "union", ".3f"),
+                                            ("batch-wise max/mean load", "batch_load", ".3f")))
+    return f"""
+## Routing tuned for speculation
+
+After the build above, the routers were tuned with GRPO for a smaller expert union per verification
+window, the rest of the model healed under the tuned routing, and the MTP modules distilled again on the
+healed model's own greedy text (`engine tune-routing --steps {t['steps']} --heal-steps {t['heal_steps']}
+--heal-union {t['heal_union']} --heal-balance {t['heal_balance']} --distill-steps {t['distill_steps']}`,
+then the bias balanced on held-out development files; docs/routing.md). {r['minutes']:.0f} minutes on
+2 CPU threads. On {r['test_files']} held-out standard-library files never used to choose anything
+(`engine eval --text-file DIR`), before (the model as built) and after:
+
+| figure | before | after | change |
+|---|---|---|---|
+{rows}
+"""
 
 
 def quantization_section(q: dict | None) -> str:
