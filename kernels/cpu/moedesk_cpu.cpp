@@ -648,24 +648,6 @@ struct Weight {
     }
   }
 
-  // The zero points' share of an int4 dot for row n: corr[m] = Σ_g z_g·s_g · t[m · G + g], 16 groups a
-  // step (as a scalar chain this took 40% of a 2048-column product).
-  template <int MB>
-  void zero_terms(int64_t n, const float* t, float* corr) const {
-    const int64_t G = groups();
-    const float* sc = scale + n * G;
-    const uint8_t* zr = zero + n * G;
-    __m512 c[MB];
-    for (int m = 0; m < MB; ++m) c[m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G; g += 16) {
-      const __mmask16 mk = tail_mask(G - g);
-      const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, zr + g)));
-      const __m512 zs = _mm512_mul_ps(z, _mm512_maskz_loadu_ps(mk, sc + g));
-      for (int m = 0; m < MB; ++m) c[m] = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(mk, t + m * G + g), c[m]);
-    }
-    for (int m = 0; m < MB; ++m) corr[m] = _mm512_reduce_add_ps(c[m]);
-  }
-
 #ifdef __AVX512VNNI__
   // int4 against int8 activations (one scale per 64 columns, as on AVX2), 16 rows at a time: each
   // accumulator lane is one row, so no horizontal sum per (row, token), and each unpacked weight vector
@@ -676,7 +658,10 @@ struct Weight {
   // exact integer sums times (the rows' group scales · the activations' block scale) go to fp32; the zero
   // points come off at the end: Σ (q − z)·s·x = Σ_b s·xs_b·(Σ q·xq)_b − Σ_g z·s·(Σ_b∈g xs_b·Σ xq_b).
   // Against the bf16 path by nibbles (four vdpbf16ps and an FMA per row, token and 128 columns), in
-  // cache on 2 threads: one token 25 → 36 GB/s, four 9.5 → 21 (int4 was bound by instructions).
+  // cache on 2 threads: one token 25 → 36 GB/s, four 9.5 → 21 (int4 was bound by instructions). This
+  // core issues about one 512-bit operation a cycle, products and shuffles alike (scripts/vnni_ceiling.py),
+  // so what counts is every vector instruction per block: 16 vpdpbusd per token, against 32 for the
+  // transpose, 16 for the nibbles and the scale tiles' few.
   // Each row's bits do not depend on the other rows or tokens in the call (verification equals one-token
   // steps), nor on how the rows are sliced.
   void dpbusd_rows(const int8_t* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy, bool pf) const {
@@ -698,6 +683,31 @@ struct Weight {
     }
   }
 
+  // v[i] lane j ← v[j] lane i: a 16 × 16 transpose of fp32 in registers (64 shuffles: 32- and 64-bit
+  // interleaves transpose the 4 × 4 blocks inside each 128-bit lane, then 128-bit shuffles move the blocks).
+  static inline void transpose16(__m512* v) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4)
+      for (int h = 0; h < 2; ++h) {
+        v[i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + h]), _mm512_castps_pd(t[i + h + 2])));
+        v[i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + h]), _mm512_castps_pd(t[i + h + 2])));
+      }
+    // each 128-bit lane now holds a transposed 4 × 4 block; two passes of 128-bit shuffles place them
+    for (int i = 0; i < 4; ++i)
+      for (int h = 0; h < 2; ++h) {
+        t[4 * h + i] = _mm512_shuffle_f32x4(v[i], v[i + 4], h ? 0xDD : 0x88);
+        t[4 * h + i + 8] = _mm512_shuffle_f32x4(v[i + 8], v[i + 12], h ? 0xDD : 0x88);
+      }
+    for (int i = 0; i < 8; ++i) {
+      v[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+      v[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    }
+  }
+
   // Rows n .. n + rows − 1 (rows ≤ 16; the lanes past them repeat the last row and are not stored).
   // A whole block walks its rows by the row stride (16 row pointers do not fit the registers).
   template <int MB>
@@ -706,11 +716,31 @@ struct Weight {
     const int gs = __builtin_ctzll(static_cast<unsigned long long>(group)) - 6;  // blocks per group: 2^gs
     const float* xs = xscale + m0 * B;  // [MB, B]: the activations' scale per block
     const bool full = rows == 16;
-    alignas(64) int32_t sidx[16];
-    for (int r = 0; r < 16; ++r) sidx[r] = static_cast<int32_t>(std::min<int64_t>(r, rows - 1) * G);
+    // The 16 rows' group scales and zero points · scales, transposed to [G][16] once per block of rows:
+    // one load per 64 columns where a 16-lane gather per block cost ~15% of a 4-token product, and the
+    // zero terms as one vector FMA per group and token instead of a horizontal sum per row and token
+    thread_local std::vector<float> tiles;
+    tiles.resize(32 * ((G + 15) / 16 * 16));
+    float* st = tiles.data();
+    float* zt = st + 16 * ((G + 15) / 16 * 16);
+    for (int64_t g = 0; g < G; g += 16) {  // 16 groups of the 16 rows a step, transposed in registers
+      const __mmask16 mk = tail_mask(G - g);
+      __m512 sc[16], zs[16];
+      for (int r = 0; r < 16; ++r) {
+        const int64_t nr = n + std::min<int64_t>(r, rows - 1);
+        sc[r] = _mm512_maskz_loadu_ps(mk, scale + nr * G + g);
+        zs[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, zero + nr * G + g))), sc[r]);
+      }
+      transpose16(sc);
+      transpose16(zs);
+      for (int i = 0; i < 16; ++i) {
+        _mm512_storeu_ps(st + 16 * (g + i), sc[i]);
+        _mm512_storeu_ps(zt + 16 * (g + i), zs[i]);
+      }
+    }
     const uint8_t* base = q + n * rb;
     auto row = [&](int r) { return base + std::min<int64_t>(r, rows - 1) * rb; };  // a part block
-    const __m512i srow = _mm512_load_si512(sidx), nib = _mm512_set1_epi8(0x0F);
+    const __m512i nib = _mm512_set1_epi8(0x0F);
 #ifdef __GFNI__
     // the 8x8 bit matrix of gf2p8affine that shifts each byte right by 4: the high nibble, in one op
     const __m512i high = _mm512_set1_epi64(0x1020408000000000ll);
@@ -724,8 +754,8 @@ struct Weight {
         if (pf) {  // the next block's 16 rows, one contiguous region, in order: 8 lines a step
           const uint8_t* p = base + 16 * rb + b * 512;
           for (int i = 0; i < 8; ++i) prefetch_l2(p + 64 * i);
-          // and its scales and zero points (G and G / 4 lines), which the gather and zero_terms would
-          // otherwise wait for: a memory latency per block, ~10% of a one-token product
+          // and its scales and zero points (G and G / 4 lines), which the next block's transposed tiles
+          // would otherwise wait for: a memory latency each, ~10% of a one-token product
           if (b < G) prefetch_l2(reinterpret_cast<const uint8_t*>(scale + (n + 16) * G) + 64 * b);
           if (4 * b < G) prefetch_l2(zero + (n + 16) * G + 64 * b);
         }
@@ -755,7 +785,7 @@ struct Weight {
         v[c] = _mm512_permutex2var_epi64(u[c], lo_words, u[c + 4]);
         v[c + 4] = _mm512_permutex2var_epi64(u[c], hi_words, u[c + 4]);
       }
-      const __m512 sv = _mm512_i32gather_ps(srow, scale + n * G + (b >> gs), 4);
+      const __m512 sv = _mm512_loadu_ps(st + 16 * (b >> gs));
       __m512i part[MB];
       for (int m = 0; m < MB; ++m) part[m] = _mm512_setzero_si512();
       for (int j = 0; j < 8; ++j) {
@@ -776,15 +806,16 @@ struct Weight {
       for (int m = 0; m < MB; ++m)
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[m]), _mm512_mul_ps(sv, _mm512_set1_ps(xs[m * B + b])), acc[m]);
     }
-    alignas(64) float corr[MB][16] = {};
-    for (int64_t r = 0; r < rows; ++r) {
-      float c[MB];
-      zero_terms<MB>(n + r, xsum + m0 * G, c);  // Σ_g z·s·(xs·Σ xq over the group)
-      for (int m = 0; m < MB; ++m) corr[m][r] = c[m];
+    __m512 corr[MB];  // Σ_g z·s·(xs·Σ xq over the group)
+    for (int m = 0; m < MB; ++m) corr[m] = _mm512_setzero_ps();
+    const float* t = xsum + m0 * G;
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 zs = _mm512_loadu_ps(zt + 16 * g);
+      for (int m = 0; m < MB; ++m) corr[m] = _mm512_fmadd_ps(zs, _mm512_set1_ps(t[m * G + g]), corr[m]);
     }
     const __mmask16 keep = tail_mask(rows);
     for (int m = 0; m < MB; ++m)
-      _mm512_mask_storeu_ps(y + m * ldy + n, keep, _mm512_sub_ps(acc[m], _mm512_load_ps(corr[m])));
+      _mm512_mask_storeu_ps(y + m * ldy + n, keep, _mm512_sub_ps(acc[m], corr[m]));
   }
 #endif
 
