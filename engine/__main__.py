@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("heal-union", float, "weight of the soft expert union per verification window in the "
                                                    "healing loss (default 0)"),
                              ("heal-balance", float, "weight of the batch's load-balance loss in the healing loss (default 0)"),
+                             ("heal-balance-worst", float, "weight of the worst layer's balance loss in it (default 0)"),
                              ("distill-steps", int, "steps of MTP self-distillation after healing: the MTP modules "
                                                     "learn the healed model's greedy choices again (default 0)"),
                              ("distill-lr", float, "AdamW learning rate of the distillation (default 1e-3)"),

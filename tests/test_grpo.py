@@ -435,5 +435,10 @@ def test_soft_union_and_balance_terms():
     router = SimpleNamespace(bias=torch.zeros(4))  # what the terms read of a router
     ids = torch.arange(8).remainder(4)[:, None]
     scores = torch.zeros(8, 4)  # even selection probabilities
-    union, balance = routing_terms([(router, scores, ids)], TuneSettings(window=4))
-    assert abs(float(union) - 1.0) < 1e-6 and abs(float(balance) - 1.0) < 1e-6
+    union, balance, worst = routing_terms([(router, scores, ids)], TuneSettings(window=4))
+    assert abs(float(union) - 1.0) < 1e-6 and abs(float(balance) - 1.0) < 1e-6 and float(worst) == float(balance)
+    lopsided = torch.zeros(8, dtype=torch.long)[:, None]  # every token on expert 0, with all its probability
+    sure = torch.zeros(8, 4)
+    sure[:, 0] = 10.0
+    _, balance, worst = routing_terms([(router, scores, ids), (router, sure, lopsided)], TuneSettings(window=4))
+    assert abs(float(worst) - 4.0) < 1e-6 and abs(float(balance) - 2.5) < 1e-6  # E · 1 · 1; the mean of 1 and 4

@@ -60,6 +60,7 @@ from engine.train.mtp_loss import lm_and_mtp_losses, mtp_hidden_states, mtp_trai
 
 ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
 AFTER_STEPS = ("steps", "heal_steps", "heal_lr", "heal_batch", "heal_seq_len", "heal_union", "heal_balance",
+               "heal_balance_worst",
                "distill_steps", "distill_lr", "distill_sequences", "calibrate_windows",
                "calibrate_len")  # settings a resumed run takes as given
 STATE, LOG = "tune_state", "tune_log.jsonl"  # STATE: a folder (its tensors are no model shard)
@@ -93,6 +94,7 @@ class TuneSettings:
     heal_seq_len: int = 256
     heal_union: float = 0.0  # weight of the soft expert union per verification window in the healing loss
     heal_balance: float = 0.0  # weight of the batch's load-balance loss (Switch Transformer's) in it
+    heal_balance_worst: float = 0.0  # weight of the worst main layer's balance loss in it (beside the mean)
     distill_steps: int = 0  # steps of MTP self-distillation after healing (the MTP modules' weights alone)
     distill_lr: float = 1e-3
     distill_sequences: int = 64  # greedy continuations of the main model to distill on
@@ -442,11 +444,12 @@ def soft_union(q: torch.Tensor, window: int) -> torch.Tensor:
     return q[:n].view(-1, window, q.shape[-1]).amax(dim=1).sum(-1).mean()
 
 
-def routing_terms(seen: list, s: TuneSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_terms(seen: list, s: TuneSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The healing's routing terms from the main layers' (router, scores [N, E], ids [N, k]) of one
-    forward pass: the mean soft union of the selection softmax((scores + bias) / τ), and the mean of
-    Switch Transformer's balance loss E · Σ_e f_e · P_e (f: the share of choices expert e got, P: its
-    mean selection probability; 1 when even). Gradients reach the hidden states, not the routers."""
+    forward pass: the mean soft union of the selection softmax((scores + bias) / τ), and the mean and the
+    largest over the layers of Switch Transformer's balance loss E · Σ_e f_e · P_e (f: the share of
+    choices expert e got, P: its mean selection probability; 1 when even). Gradients reach the hidden
+    states, not the routers."""
     unions, balances = [], []
     for r, scores, ids in seen:
         E = scores.shape[-1]
@@ -454,7 +457,8 @@ def routing_terms(seen: list, s: TuneSettings) -> tuple[torch.Tensor, torch.Tens
         unions.append(soft_union(q, s.window))
         f = torch.bincount(ids.flatten(), minlength=E).float() / ids.numel()
         balances.append(E * (f * q.mean(0)).sum())
-    return torch.stack(unions).mean(), torch.stack(balances).mean()
+    balances = torch.stack(balances)
+    return torch.stack(unions).mean(), balances.mean(), balances.max()
 
 
 def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state: dict, emit=print) -> None:
@@ -492,10 +496,10 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
         tokens = windows(ids, s.heal_batch, s.heal_seq_len + 1, s.seed + 2, step)
         seen.clear()
         loss, parts = mtp_training_loss(model, tokens, s.mtp_weight)
-        if seen and (s.heal_union or s.heal_balance):
-            union, balance = routing_terms(seen, s)
-            loss = loss + s.heal_union * union + s.heal_balance * balance
-            parts |= {"soft_union": union.item(), "balance": balance.item()}
+        if seen and (s.heal_union or s.heal_balance or s.heal_balance_worst):
+            union, balance, worst = routing_terms(seen, s)
+            loss = loss + s.heal_union * union + s.heal_balance * balance + s.heal_balance_worst * worst
+            parts |= {"soft_union": union.item(), "balance": balance.item(), "balance_worst": worst.item()}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
