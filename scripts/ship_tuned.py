@@ -2,8 +2,9 @@
 it as the build's export does (held-out perplexity, MTP acceptance, `engine bench`), keeping the build's
 provenance in figures.json and adding the tuning's before/after figures to MODEL_CARD.md. The
 quantization table is measured afterwards by scripts/quant_figures.py. Usage:
-    python scripts/ship_tuned.py TUNED_DIR --before EVAL.json --after EVAL.json --minutes M
-(EVAL.json: `engine eval --text-file DIR --json` of the bundled model and of TUNED_DIR on held-out files)"""
+    python scripts/ship_tuned.py TUNED_DIR --before EVAL.json --after EVAL.json --minutes M [--tuning T.json]
+(EVAL.json: `engine eval --text-file DIR --json` of the bundled model and of TUNED_DIR on held-out files;
+T.json: the tuning run's tuning.json where TUNED_DIR is a later `--steps 0` recalibration of it)"""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ def main() -> int:
     ap.add_argument("--before", required=True, help="engine eval --json of the bundled model as built")
     ap.add_argument("--after", required=True, help="engine eval --json of the tuned model, same files")
     ap.add_argument("--minutes", type=float, required=True, help="wall time of the tuning run")
+    ap.add_argument("--tuning", default=None, help="the tuning run's tuning.json (default: TUNED_DIR's)")
     args = ap.parse_args()
     src, out = Path(args.tuned), BUNDLED_MODEL
     info = json.loads((out / "figures.json").read_text())
@@ -55,7 +57,7 @@ def main() -> int:
     figures = measure(pre, DEFAULT_WORK)
     figures["measure_s"] = time.perf_counter() - t0
     before, after = eval_figures(args.before), eval_figures(args.after)
-    tuning = json.loads((src / "tuning.json").read_text())
+    tuning = json.loads(Path(args.tuning or src / "tuning.json").read_text())
     info["routing"] = {"settings": tuning["settings"], "before": before, "after": after, "minutes": args.minutes,
                        "test_files": after["files"]}
     info["figures"] = figures | {k: v for k, v in info["figures"].items() if k == "quantization"}
