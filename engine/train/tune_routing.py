@@ -560,9 +560,10 @@ def own_text(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, st
 def distill_mtp(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state: dict, emit=print) -> None:
     """The MTP modules (every weight but their routers') learn the main model's greedy choices again, as
     the bundled model's build did (default_model.distill): healing moved the main model away from what
-    they predicted (G3's greedy k=3 on the bench's code prompt: 3.70 tokens per verification before
-    healing, 2.21 after; docs/routing.md). Half of each batch is the model's own greedy text, half
-    windows of the tuning text; the schedule is the healing's; resumable from out/STATE/DISTILL."""
+    they predicted. Greedy acceptance of the first draft along 20 held-out prompts: 0.785 bundled, 0.735
+    healed, 0.801 healed and then distilled for 150 steps (docs/routing.md). Half of each batch is the
+    model's own greedy text, half windows of the tuning text; the schedule is the healing's; resumable
+    from out/STATE/DISTILL."""
     routers = {id(r.weight) for _, r in routers_of(model)}
     params = [(n, p) for n, p in model.named_parameters()
               if n.startswith("mtp.") and id(p) not in routers and p.is_floating_point()]
