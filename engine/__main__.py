@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "healing loss (default 0)"),
                              ("heal-balance", float, "weight of the batch's load-balance loss in the healing loss (default 0)"),
                              ("heal-balance-worst", float, "weight of the worst layer's balance loss in it (default 0)"),
+                             ("heal-temperature", float, "τ of the selection softmax in the healing's routing terms "
+                                                       "(default: --temperature)"),
                              ("distill-steps", int, "steps of MTP self-distillation after healing: the MTP modules "
                                                     "learn the healed model's greedy choices again (default 0)"),
                              ("distill-lr", float, "AdamW learning rate of the distillation (default 1e-3)"),

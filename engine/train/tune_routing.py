@@ -60,7 +60,7 @@ from engine.train.mtp_loss import lm_and_mtp_losses, mtp_hidden_states, mtp_trai
 
 ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
 AFTER_STEPS = ("steps", "heal_steps", "heal_lr", "heal_batch", "heal_seq_len", "heal_union", "heal_balance",
-               "heal_balance_worst",
+               "heal_balance_worst", "heal_temperature",
                "distill_steps", "distill_lr", "distill_sequences", "calibrate_windows",
                "calibrate_len")  # settings a resumed run takes as given
 STATE, LOG = "tune_state", "tune_log.jsonl"  # STATE: a folder (its tensors are no model shard)
@@ -95,6 +95,7 @@ class TuneSettings:
     heal_union: float = 0.0  # weight of the soft expert union per verification window in the healing loss
     heal_balance: float = 0.0  # weight of the batch's load-balance loss (Switch Transformer's) in it
     heal_balance_worst: float = 0.0  # weight of the worst main layer's balance loss in it (beside the mean)
+    heal_temperature: float = 0.0  # τ of the selection softmax in those terms (0: the policy's temperature)
     distill_steps: int = 0  # steps of MTP self-distillation after healing (the MTP modules' weights alone)
     distill_lr: float = 1e-3
     distill_sequences: int = 64  # greedy continuations of the main model to distill on
@@ -446,14 +447,15 @@ def soft_union(q: torch.Tensor, window: int) -> torch.Tensor:
 
 def routing_terms(seen: list, s: TuneSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The healing's routing terms from the main layers' (router, scores [N, E], ids [N, k]) of one
-    forward pass: the mean soft union of the selection softmax((scores + bias) / τ), and the mean and the
+    forward pass: the mean soft union of the selection softmax((scores + bias) / τ) (τ: heal_temperature,
+    else the policy's; a sharp softmax passes gradient only near ties), and the mean and the
     largest over the layers of Switch Transformer's balance loss E · Σ_e f_e · P_e (f: the share of
     choices expert e got, P: its mean selection probability; 1 when even). Gradients reach the hidden
     states, not the routers."""
     unions, balances = [], []
     for r, scores, ids in seen:
         E = scores.shape[-1]
-        q = torch.softmax((scores + r.bias) / s.temperature, dim=-1)
+        q = torch.softmax((scores + r.bias) / (s.heal_temperature or s.temperature), dim=-1)
         unions.append(soft_union(q, s.window))
         f = torch.bincount(ids.flatten(), minlength=E).float() / ids.numel()
         balances.append(E * (f * q.mean(0)).sum())
