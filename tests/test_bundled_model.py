@@ -51,3 +51,22 @@ def test_transformers_greedy_ids_equal_the_engine(bundled):
                                  do_sample=False, eos_token_id=None, pad_token_id=4095)[0, len(ids):].tolist()
     ours = generate(bundled.model, ids, SamplingParams(max_tokens=32)).token_ids
     assert ours == ref
+
+
+def test_card_is_rendered_from_its_figures_with_a_routing_section_when_tuned():
+    """MODEL_CARD.md is what export.model_card writes from figures.json; a tuned model's figures add the
+    routing section (scripts/ship_tuned.py) with its settings and before/after changes."""
+    from engine.train.export import model_card
+
+    info = json.loads((BUNDLED_MODEL / "figures.json").read_text())
+    card = model_card(info)
+    assert card == (BUNDLED_MODEL / "MODEL_CARD.md").read_text()
+    assert "Routing tuned" not in card
+    settings = {"steps": 300, "heal_steps": 150, "heal_union": 1.0, "heal_balance": 4.0, "distill_steps": 150}
+    info["routing"] = {"settings": settings, "minutes": 31.0, "test_files": 64,
+                       "before": {"perplexity": 96.70, "union": 4.831, "batch_load": 1.526},
+                       "after": {"perplexity": 96.11, "union": 3.962, "batch_load": 1.290}}
+    tuned = model_card(info)
+    assert "## Routing tuned for speculation" in tuned and "--heal-union 1.0" in tuned
+    assert "| expert union per 4-token window | 4.831 | 3.962 | -18.0% |" in tuned
+    assert "| batch-wise max/mean load | 1.526 | 1.290 | -15.5% |" in tuned
