@@ -507,24 +507,31 @@ def heal(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path, state:
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         state.update(heal_step=step + 1, heal_elapsed=time.perf_counter() - t0, distill_step=0, distill_elapsed=0.0)
-        line = json.dumps({"heal_step": step + 1, **{k: round(v, 5) for k, v in parts.items()},
-                           "elapsed_s": round(state["heal_elapsed"], 1)})
-        with (out / LOG).open("a") as logf:
-            logf.write(line + "\n")
-        emit(line)
-        elapsed = state["heal_elapsed"]
-        tok_s = (step + 1) * s.heal_batch * s.heal_seq_len / max(elapsed, 1e-9)
-        log(progress_line("heal", step + 1, s.heal_steps, {"lm": parts["lm"]}, tok_s,
-                          elapsed / (step + 1) * (s.heal_steps - step - 1)), end="")
-        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.heal_steps:
-            save_checkpoint(out / STATE, HEAL, model, opt, state)
-            (out / STATE / "state.json").write_text(json.dumps(state))
+        record_step(HEAL, s.heal_steps, parts, {"lm": parts["lm"]}, s.heal_batch * s.heal_seq_len,
+                    model, opt, s, out, state, emit)
     log("")
     model.eval()
     for r in main:
         r.observe = None
     for _, p in params:
         p.requires_grad_(False)
+
+
+def record_step(stage: str, total: int, parts: dict, shown: dict, tokens: int, model: Transformer,
+                opt: torch.optim.Optimizer, s: TuneSettings, out: Path, state: dict, emit) -> None:
+    """After a step of the healing or the distillation (stage HEAL or DISTILL, its step and elapsed time
+    already in state): its line in the log, the progress bar (with `shown`), a checkpoint when due."""
+    step, elapsed = state[f"{stage}_step"], state[f"{stage}_elapsed"]
+    line = json.dumps({f"{stage}_step": step, **{k: round(v, 5) for k, v in parts.items()},
+                       "elapsed_s": round(elapsed, 1)})
+    with (out / LOG).open("a") as logf:
+        logf.write(line + "\n")
+    emit(line)
+    log(progress_line(stage, step, total, shown, step * tokens / max(elapsed, 1e-9),
+                      elapsed / step * (total - step)), end="")
+    if step % s.checkpoint_every == 0 or step == total:
+        save_checkpoint(out / STATE, stage, model, opt, state)
+        (out / STATE / "state.json").write_text(json.dumps(state))
 
 
 def short_schedule(step: int, total: int, lr: float) -> float:
@@ -566,9 +573,7 @@ def distill_mtp(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path,
     healed, 0.801 healed and then distilled for 150 steps (docs/routing.md). Half of each batch is the
     model's own greedy text, half windows of the tuning text; the schedule is the healing's; resumable
     from out/STATE/DISTILL."""
-    routers = {id(r.weight) for _, r in routers_of(model)}
-    params = [(n, p) for n, p in model.named_parameters()
-              if n.startswith("mtp.") and id(p) not in routers and p.is_floating_point()]
+    params = [(n, p) for n, p in heal_params(model) if n.startswith("mtp.")]
     opt = make_optimizer(params, TrainSettings(lr=s.distill_lr))
     if not (state.get("distill_step", 0) and load_checkpoint(out / STATE, DISTILL, model, opt) is not None):
         state["distill_step"] = 0
@@ -590,18 +595,8 @@ def distill_mtp(model: Transformer, ids: np.ndarray, s: TuneSettings, out: Path,
         torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         state.update(distill_step=step + 1, distill_elapsed=time.perf_counter() - t0)
-        line = json.dumps({"distill_step": step + 1, "loss": round(loss.item(), 5),
-                           **{k: round(v, 5) for k, v in parts.items()}, "elapsed_s": round(state["distill_elapsed"], 1)})
-        with (out / LOG).open("a") as logf:
-            logf.write(line + "\n")
-        emit(line)
-        elapsed = state["distill_elapsed"]
-        tok_s = (step + 1) * 2 * half * own.shape[1] / max(elapsed, 1e-9)
-        log(progress_line("distill", step + 1, s.distill_steps, parts, tok_s,
-                          elapsed / (step + 1) * (s.distill_steps - step - 1)), end="")
-        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.distill_steps:
-            save_checkpoint(out / STATE, DISTILL, model, opt, state)
-            (out / STATE / "state.json").write_text(json.dumps(state))
+        record_step(DISTILL, s.distill_steps, {"loss": loss.item(), **parts}, parts, 2 * half * own.shape[1],
+                    model, opt, s, out, state, emit)
     log("")
     model.eval()
     for _, p in params:
