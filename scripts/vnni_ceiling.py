@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kernel_stream import weight  # noqa: E402  (scripts/, this script's folder)
 from kernels import cpu  # noqa: E402
-from kernels.formats import quantize_int4, quantize_int8  # noqa: E402
 
 LOOP = r"""
 #include <chrono>
@@ -73,13 +73,7 @@ def vnni_rates() -> tuple[float, ...]:
 def kernel_rate(fmt: str, tokens: int, N: int = 1024, K: int = 2048) -> float:
     """Bytes/s of int4 or int8 weights moedesk.linear reads in cache at this many tokens, best of 300 × 10
     calls."""
-    w = torch.randn(N, K, generator=torch.Generator().manual_seed(0)) * 0.05
-    if fmt == "int4":
-        q = quantize_int4(w, 64)
-        args = (q.qweight, q.scale, q.zero, 3, 64)
-    else:
-        q = quantize_int8(w)
-        args = (q.qweight, q.scale, cpu.empty(), 2, 0)
+    args = weight(fmt, N, K, 0)
     x = torch.randn(tokens, K)
     for _ in range(50):
         torch.ops.moedesk.linear(x, *args)
@@ -89,7 +83,7 @@ def kernel_rate(fmt: str, tokens: int, N: int = 1024, K: int = 2048) -> float:
         for _ in range(10):
             torch.ops.moedesk.linear(x, *args)
         best = min(best, (time.perf_counter() - t0) / 10)
-    return sum(t.numel() * t.element_size() for t in args[:1]) / best
+    return args[0].numel() * args[0].element_size() / best
 
 
 def main() -> int:

@@ -719,10 +719,11 @@ struct Weight {
     // The 16 rows' group scales and zero points · scales, transposed to [G][16] once per block of rows:
     // one load per 64 columns where a 16-lane gather per block cost ~15% of a 4-token product, and the
     // zero terms as one vector FMA per group and token instead of a horizontal sum per row and token
+    const int64_t Gp = (G + 15) / 16 * 16;  // groups rounded up to the 16 a transpose writes
     thread_local std::vector<float> tiles;
-    tiles.resize(32 * ((G + 15) / 16 * 16));
+    tiles.resize(32 * Gp);
     float* st = tiles.data();
-    float* zt = st + 16 * ((G + 15) / 16 * 16);
+    float* zt = st + 16 * Gp;
     for (int64_t g = 0; g < G; g += 16) {  // 16 groups of the 16 rows a step, transposed in registers
       const __mmask16 mk = tail_mask(G - g);
       __m512 sc[16], zs[16];
