@@ -1,7 +1,8 @@
 """Make a tuned checkpoint the bundled model: copy its files into assets/models/moedesk-mini and measure
 it as the build's export does (held-out perplexity, MTP acceptance, `engine bench`), keeping the build's
 provenance in figures.json and adding the tuning's before/after figures to MODEL_CARD.md. The
-quantization table is measured afterwards by scripts/quant_figures.py. Usage:
+quantization table is dropped (it described the old weights); scripts/quant_figures.py measures it
+again afterwards. Usage:
     python scripts/ship_tuned.py TUNED_DIR --before EVAL.json --after EVAL.json --minutes M [--tuning T.json]
 (EVAL.json: `engine eval --text-file DIR --json` of the bundled model and of TUNED_DIR on held-out files;
 T.json: the tuning run's tuning.json where TUNED_DIR is a later `--steps 0` recalibration of it)"""
@@ -60,7 +61,7 @@ def main() -> int:
     tuning = json.loads(Path(args.tuning or src / "tuning.json").read_text())
     info["routing"] = {"settings": tuning["settings"], "before": before, "after": after, "minutes": args.minutes,
                        "test_files": after["files"]}
-    info["figures"] = figures | {k: v for k, v in info["figures"].items() if k == "quantization"}
+    info["figures"] = figures  # the old weights' quantization table goes: quant_figures.py measures the new
     info["size_bytes"] = (out / "model.safetensors").stat().st_size
     (out / "figures.json").write_text(json.dumps(info, indent=1))
     (out / "MODEL_CARD.md").write_text(model_card(info))
