@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("tune-routing", help="tune the MoE routers with GRPO, then optionally heal the rest of the model (resumable)")
     r.add_argument("--model", default=None, help="model folder; default: the bundled model")
-    r.add_argument("--data", default=None, help="text file to tune on (default: the bundled model's training data)")
+    r.add_argument("--data", default=None, help="text file, or folder of .txt documents, to tune on (default: the "
+                                                "bundled model's training data); a folder's documents also balance "
+                                                "the bias batch-wise")
     r.add_argument("--out", required=True, help="folder for the tuned checkpoint, its log and resume state")
     r.add_argument("--steps", type=int, default=None,
                    help="GRPO steps (default 300; 0: only balance the --model's bias)")
@@ -136,8 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "learn the healed model's greedy choices again (default 0)"),
                              ("distill-lr", float, "AdamW learning rate of the distillation (default 1e-3)"),
                              ("distill-sequences", int, "greedy continuations generated to distill on (default 64)"),
-                             ("calibrate-windows", int, "windows the bias is then balanced on (default 64; 0: none)"),
-                             ("calibrate-len", int, "tokens per calibration window (default 512)"),
+                             ("calibrate-windows", int, "windows the bias is then balanced on (default 512; 0: none)"),
+                             ("calibrate-len", int, "tokens per calibration window (default 256)"),
+                             ("calibrate-batch", int, "documents per batch when --data is a folder: the main layers' "
+                                                      "bias is balanced batch-wise, as `engine eval` measures it "
+                                                      "(default 16; 1: over all the tokens)"),
                              ("checkpoint-every", int, "steps between resume checkpoints"), ("seed", int, "")]:
         r.add_argument(f"--{name}", type=kind, default=None, help=what or None)
 
@@ -229,20 +234,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def text_files(paths: list[str]) -> list[Path]:
-    """Files as given, folders as the .txt files in them (sorted)."""
-    out = []
-    for p in map(Path, paths):
-        out += sorted(p.glob("*.txt")) if p.is_dir() else [p]
-    if not out:
-        raise SystemExit(f"no .txt files in {', '.join(paths)}")
-    return out
-
-
 def cmd_eval(args) -> int:
     import math
 
-    from engine.evaluate import perplexity
+    from engine.evaluate import perplexity, text_files
     from engine.pretrained import load_pretrained
     from engine.routing_stats import BATCH_DOCUMENTS, batch_load
 
@@ -430,6 +425,7 @@ def cmd_tune_routing(args) -> int:
 def cmd_routing_report(args) -> int:
     import torch
 
+    from engine.evaluate import text_files
     from engine.pretrained import BUNDLED_MODEL, load_pretrained
     from engine.routing_report import format_report, report
 

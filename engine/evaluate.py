@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,16 @@ from engine.routing_stats import RoutingRecorder
 
 
 @torch.inference_mode()
+def text_files(paths: list[str]) -> list[Path]:
+    """Files as given, folders as the .txt files in them (sorted): one document each."""
+    out = []
+    for p in map(Path, paths):
+        out += sorted(p.glob("*.txt")) if p.is_dir() else [p]
+    if not out:
+        raise ValueError(f"no .txt files in {', '.join(paths)}")
+    return out
+
+
 def token_nll(model, ids: list[int], window: int, recorder: RoutingRecorder | None = None) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods and how many tokens were scored.
 

@@ -148,6 +148,42 @@ def balancing_bias(router: Router, scores: torch.Tensor, iters: int = 800, tol: 
     return best[1], best[0]
 
 
+def batch_loads(router: Router, scores: torch.Tensor, bias: torch.Tensor, batches: torch.Tensor) -> torch.Tensor:
+    """Each batch's expert loads [nb, E], normalized to mean 1, under this bias: scores [B, T, E] of B windows
+    of T tokens, batches [nb, m] the windows in each batch."""
+    B, T, E = scores.shape
+    ids = router.mask_groups((scores + bias).view(B * T, E)).topk(router.top_k, dim=-1, sorted=False).indices
+    per_window = torch.zeros(B * T, E).scatter_(1, ids, 1.0).view(B, T, E).sum(1)  # [B, E]
+    load = per_window[batches].sum(1)  # [nb, E]
+    return load / load.mean(dim=1, keepdim=True)
+
+
+def batch_balancing_bias(router: Router, scores: torch.Tensor, batches: torch.Tensor, iters: int = 400,
+                         temperature: float = 0.02) -> tuple[torch.Tensor, float]:
+    """The bias under which the busiest expert of a batch of windows is least busy, on average over the
+    batches: what DeepSeek-V3's batch-wise balance (engine/routing_stats.py) measures. scores [B, T, E]
+    (fp32) of B windows, batches [nb, m] window indices. Returns the bias and that mean max/mean load.
+
+    It starts from `balancing_bias` (every expert's load even over all the tokens). Experts whose load
+    swings from one batch to the next (those a few documents prefer) are then the busiest more often than
+    1/E of the time; each step lowers an expert's bias by how much more often it is (a softmax over the
+    batch's loads, so near-ties share the blame), until every expert tops about as many batches. Keeps
+    the best iterate.
+    """
+    E = scores.shape[-1]
+    bias, _ = balancing_bias(router, scores.view(-1, E))
+    best, step = (float("inf"), bias.clone()), 0.02
+    for _ in range(iters):
+        load = batch_loads(router, scores, bias, batches)
+        worst = float(load.max(dim=1).values.mean())
+        if worst < best[0]:
+            best = (worst, bias.clone())
+        busiest = torch.softmax(load / temperature, dim=1).mean(0)  # [E], sums to 1
+        bias -= step * E * (busiest - 1 / E)
+        step *= 0.992
+    return best[1], best[0]
+
+
 def moe_routers(model: torch.nn.Module) -> list[Router]:
     """The routers of the main model's MoE layers, in layer order (MTP modules' left out)."""
     return [b.ffn.router for b in model.layers if isinstance(getattr(b.ffn, "router", None), Router)]

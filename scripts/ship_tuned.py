@@ -42,6 +42,8 @@ def main() -> int:
     ap.add_argument("--after", required=True, help="engine eval --json of the tuned model, same files")
     ap.add_argument("--minutes", type=float, required=True, help="wall time of the tuning run")
     ap.add_argument("--tuning", default=None, help="the tuning run's tuning.json (default: TUNED_DIR's)")
+    ap.add_argument("--calibration", default=None,
+                    help="how the bias was balanced, for the card (e.g. 'batch-wise on 32 held-out development files')")
     args = ap.parse_args()
     src, out = Path(args.tuned), BUNDLED_MODEL
     info = json.loads((out / "figures.json").read_text())
@@ -61,6 +63,8 @@ def main() -> int:
     tuning = json.loads(Path(args.tuning or src / "tuning.json").read_text())
     info["routing"] = {"settings": tuning["settings"], "before": before, "after": after, "minutes": args.minutes,
                        "test_files": after["files"]}
+    if args.calibration:
+        info["routing"]["calibration"] = args.calibration
     info["figures"] = figures  # the old weights' quantization table goes: quant_figures.py measures the new
     info["size_bytes"] = (out / "model.safetensors").stat().st_size
     (out / "figures.json").write_text(json.dumps(info, indent=1))

@@ -210,6 +210,42 @@ def test_steps_0_only_balances_the_bias_of_a_tuned_checkpoint(tuned, tmp_path):
     assert load_file(str(checkpoint_files(out)[0])).keys() == load_file(str(checkpoint_files(tuned_dir)[0])).keys()
 
 
+def test_a_folder_of_documents_balances_the_bias_batch_wise(tuned, tmp_path, capsys):
+    """--data FOLDER: batches of one window from each of 16 different documents, as `engine eval` forms
+    them; the main layers' bias is solved for their mean max/mean load, and only bias tensors change."""
+    import difflib
+    import pydoc
+
+    from engine.__main__ import main
+    from engine.tokenizer import Tokenizer
+    from engine.train.tune_routing import document_batches
+
+    src, tuned_dir, _ = tuned
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, module in enumerate((textwrap, inspect, json.decoder, json.encoder, difflib, pydoc) * 3):
+        (docs / f"{i:02d}.txt").write_text(f"# document {i}\n" + inspect.getsource(module)[i * 300:i * 300 + 3000])
+    tokens, batches = document_batches(tuned_dir, str(docs), n_windows=200, window=32, per_batch=16, seed=1)
+    assert tokens.shape[1] == 32 and len(tokens) <= 200 and batches.shape == (400, 16)
+    tok = Tokenizer.from_dir(tuned_dir)
+    texts = [tok.encode(f.read_text()) for f in sorted(docs.glob("*.txt"))]
+
+    def document_of(row: list[int]) -> int:
+        return next(d for d, ids in enumerate(texts) if any(ids[i:i + 32] == row for i in range(0, len(ids), 32)))
+
+    owner = [document_of(r) for r in tokens.tolist()]
+    assert all(len({owner[w] for w in b}) == 16 for b in batches.tolist())  # 16 documents in each batch
+    assert document_batches(tuned_dir, str(docs / "00.txt"), 200, 32, 16, 1) is None  # one text: all tokens
+    out = tmp_path / "balanced"
+    capsys.readouterr()
+    assert main(["tune-routing", "--model", str(tuned_dir), "--data", str(docs), "--out", str(out),
+                 "--steps", "0", "--calibrate-windows", "200", "--calibrate-len", "32"]) == 0
+    assert "batch-wise on 400 batches of 16 documents' 32-token windows" in capsys.readouterr().err
+    changed = check_only_routers_differ(tuned_dir, out)
+    assert changed and all(k.endswith("e_score_correction_bias") for k in changed)
+    assert json.loads((out / "tuning.json").read_text())["settings"]["calibrate_batch"] == 16
+
+
 def test_balance_scope_window_scores_each_window_load(tmp_path):
     """--balance-scope window: the imbalance is each token window's own max/mean load (so it differs
     between the B windows of a rollout); an unknown scope is refused."""

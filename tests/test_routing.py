@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.model.config import parse_config
-from engine.routing import Router, balanced_online, balancing_bias, moe_routers
+from engine.routing import Router, balanced_online, balancing_bias, batch_balancing_bias, batch_loads, moe_routers
 from engine.routing_stats import (RoutingRecorder, expert_counts, expert_union, layer_stats, load_balance,
                                   routing_entropy)
 from engine.tiny import tiny_config, write_tiny_model
@@ -173,6 +173,40 @@ def test_balancing_bias_evens_a_skewed_routers_load_outright():
         assert measured == pytest.approx(load) and load < 1.03, cfg
         assert imbalance(router, g) < 1.15, cfg  # fresh batches
         assert bias[:2].max() < bias[2:].min()
+
+
+def documents_scores(g: torch.Generator, docs: int = 64, windows: int = 4, tokens: int = 64) -> torch.Tensor:
+    """Affinities [docs·windows, tokens, 8] of windows of documents: experts 1-7 are liked alike by every
+    document; expert 0 only by one document in eight, and by those strongly (a specialist)."""
+    scores = torch.rand(docs, windows, tokens, 8, generator=g) * 0.5
+    scores[torch.randperm(docs, generator=g)[:docs // 8], :, :, 0] += 0.4
+    return scores.view(docs * windows, tokens, 8)
+
+
+def random_batches(g: torch.Generator, docs: int = 64, windows: int = 4, per_batch: int = 16, n: int = 200):
+    """n batches of one window from each of per_batch documents (window index = doc · windows + w)."""
+    return torch.stack([torch.randperm(docs, generator=g)[:per_batch] * windows
+                        + torch.randint(windows, (per_batch,), generator=g) for _ in range(n)])
+
+
+def test_batch_balancing_bias_lowers_the_busiest_expert_of_batches_of_documents():
+    """Balanced over all tokens, a specialist expert (liked by few documents, strongly) tops the batches
+    that hold several of its documents; solved batch-wise, its bias goes lower, and the mean max/mean load
+    of batches of 16 documents falls, on fresh documents too."""
+    cfg = parse_config(tiny_config(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1))
+    router = Router(cfg)
+    g = torch.Generator().manual_seed(3)
+    scores, batches = documents_scores(g), random_batches(g)
+    flat_bias, _ = balancing_bias(router, scores.view(-1, 8))
+    bias, worst = batch_balancing_bias(router, scores, batches)
+    assert worst == pytest.approx(float(batch_loads(router, scores, bias, batches).max(dim=1).values.mean()))
+    flat = float(batch_loads(router, scores, flat_bias, batches).max(dim=1).values.mean())
+    assert worst < flat - 0.015, (worst, flat)
+    assert bias[0] - bias[1:].mean() < flat_bias[0] - flat_bias[1:].mean() - 0.01  # the specialist pushed down
+    fresh, fresh_batches = documents_scores(g), random_batches(g)
+    on_fresh = {name: float(batch_loads(router, fresh, b, fresh_batches).max(dim=1).values.mean())
+                for name, b in (("flat", flat_bias), ("batch", bias))}
+    assert on_fresh["batch"] < on_fresh["flat"] - 0.005, on_fresh
 
 
 def test_online_balance_moves_bias_per_pass_and_restores_it(tiny_dir):

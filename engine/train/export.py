@@ -184,9 +184,9 @@ After the build above, the routers were tuned with GRPO for a smaller expert uni
 window, the rest of the model healed under the tuned routing, and the MTP modules distilled again on the
 healed model's own greedy text (`engine tune-routing --steps {t['steps']} --heal-steps {t['heal_steps']}
 --heal-union {t['heal_union']} --heal-balance {t['heal_balance']} --distill-steps {t['distill_steps']}`,
-then the bias balanced on held-out development files; docs/routing.md). {r['minutes']:.0f} minutes on
-2 CPU threads. On {r['test_files']} held-out standard-library files never used to choose anything
-(`engine eval --text-file DIR`), before (the model as built) and after:
+then the bias balanced {r.get('calibration', 'on held-out development files')}; docs/routing.md).
+{r['minutes']:.0f} minutes on 2 CPU threads. On {r['test_files']} held-out standard-library files never used
+to choose anything (`engine eval --text-file DIR`), before (the model as built) and after:
 
 | figure | before | after | change |
 |---|---|---|---|

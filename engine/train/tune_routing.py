@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from engine.model.checkpoint import checkpoint_files, checkpoint_state, load_model, official_name
 from engine.model.transformer import Transformer
 from engine.quant import quantization_config
-from engine.routing import Router, balancing_bias
+from engine.routing import Router, balancing_bias, batch_balancing_bias, moe_routers
 from engine.routing_stats import routing_entropy
 from engine.train.default_model import (TrainSettings, distill_loss, load_checkpoint, make_optimizer,
                                         optimizer_tensors, progress_line, restore_optimizer, save_checkpoint)
@@ -62,7 +62,7 @@ ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
 AFTER_STEPS = ("steps", "heal_steps", "heal_lr", "heal_batch", "heal_seq_len", "heal_union", "heal_balance",
                "heal_balance_worst", "heal_temperature",
                "distill_steps", "distill_lr", "distill_sequences", "calibrate_windows",
-               "calibrate_len")  # settings a resumed run takes as given
+               "calibrate_len", "calibrate_batch")  # settings a resumed run takes as given
 STATE, LOG = "tune_state", "tune_log.jsonl"  # STATE: a folder (its tensors are no model shard)
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")  # copied from --model to the output
@@ -99,8 +99,9 @@ class TuneSettings:
     distill_steps: int = 0  # steps of MTP self-distillation after healing (the MTP modules' weights alone)
     distill_lr: float = 1e-3
     distill_sequences: int = 64  # greedy continuations of the main model to distill on
-    calibrate_windows: int = 64  # windows the bias is balanced on after the GRPO steps (0: not at all)
-    calibrate_len: int = 512  # tokens per calibration window (at most the model's context)
+    calibrate_windows: int = 512  # windows the bias is balanced on after the GRPO steps (0: not at all)
+    calibrate_len: int = 256  # tokens per calibration window (at most the model's context)
+    calibrate_batch: int = 16  # documents per batch when --data is a folder of them (batch-wise balance)
     bias_step: float = 1e-3  # γ of the bias update after each GRPO step
     seed: int = 0
     checkpoint_every: int = 20
@@ -318,9 +319,17 @@ def tune_step(model: Transformer, sampler: Sampler, ref, opt, tokens: torch.Tens
 
 # ---- data ----
 
+def data_texts(data: str) -> list[str]:
+    """--data's texts: a text file, or a folder's .txt files, one document each."""
+    from engine.evaluate import text_files
+
+    return [f.read_text(encoding="utf-8") for f in text_files([data])]
+
+
 def default_ids(model_dir: Path, data: str | None) -> np.ndarray:
-    """Token ids to tune on: --data (text, the model's tokenizer); else the bundled model's training
-    ids when this model has its tokenizer; else the corpus builder's training documents."""
+    """Token ids to tune on: --data (a text, or a folder's documents joined; the model's tokenizer); else
+    the bundled model's training ids when this model has its tokenizer; else the corpus builder's
+    training documents."""
     from engine.tokenizer import Tokenizer
     from engine.train.default_model import DEFAULT_WORK
 
@@ -334,11 +343,37 @@ def default_ids(model_dir: Path, data: str | None) -> np.ndarray:
         raise ValueError(f"{model_dir} has no tokenizer.json to encode the tuning text with")
     tokenizer = Tokenizer.from_dir(model_dir)
     if data is not None:
-        text = Path(data).read_text(encoding="utf-8")
+        text = "\n\n".join(data_texts(data))
     else:
         from engine.train.corpus import build_corpus
         text = "\n\n".join(build_corpus().train)
     return np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def document_batches(model_dir: Path, data: str | None, n_windows: int, window: int, per_batch: int,
+                     seed: int, n_batches: int = 400) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Batches the way `engine eval` measures batch-wise balance, from --data's documents (a folder): every
+    `window`-token window of each document (at most n_windows of them, drawn at random), and n_batches
+    batches of one window from each of per_batch documents. Returns (windows [B, window], batches
+    [n_batches, per_batch] indices into them), or None when there are fewer than per_batch documents
+    (a single text, or the default training ids)."""
+    from engine.tokenizer import Tokenizer
+
+    if data is None or not Path(data).is_dir() or per_batch < 2:
+        return None
+    tokenizer = Tokenizer.from_dir(model_dir)
+    docs = [tokenizer.encode(t) for t in data_texts(data)]
+    rows = [(d, ids[i:i + window]) for d, ids in enumerate(docs) for i in range(0, len(ids) - window + 1, window)]
+    g = np.random.default_rng([seed, 1])
+    if len(rows) > n_windows:
+        rows = [rows[i] for i in sorted(g.choice(len(rows), n_windows, replace=False))]
+    doc_of = np.array([d for d, _ in rows])
+    by_doc = [np.flatnonzero(doc_of == d) for d in np.unique(doc_of)]
+    if len(by_doc) < per_batch:
+        return None
+    batches = [[g.choice(by_doc[d]) for d in g.choice(len(by_doc), per_batch, replace=False)]
+               for _ in range(n_batches)]
+    return torch.tensor([r for _, r in rows], dtype=torch.int64), torch.from_numpy(np.array(batches, dtype=np.int64))
 
 
 def windows(ids: np.ndarray, batch: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
@@ -618,16 +653,22 @@ def progress_bar(step: int, total: int, parts: dict, elapsed: float) -> str:
 
 
 @torch.no_grad()
-def calibrate_bias(model: Transformer, tokens: torch.Tensor) -> list[float]:
+def calibrate_bias(model: Transformer, tokens: torch.Tensor, batches: torch.Tensor | None = None) -> list[float]:
     """Set every V3 router's bias to the one that balances its load on windows tokens [B, T], deterministic
     routing, in one forward pass: a layer's bias is solved on the affinities of all the tokens (given the
-    layers before it, already balanced), then the tokens go on routed by it. Returns each router's
-    max/mean load on these tokens, in module order."""
+    layers before it, already balanced), then the tokens go on routed by it. Given batches [nb, m] of
+    window indices (`document_batches`), a main layer's bias is solved for batch-wise balance over them
+    instead (`batch_balancing_bias`); the MTP modules' routers balance all their tokens. Returns each
+    router's max/mean load on these tokens (batch-wise: averaged over the batches), in module order."""
     loads = []
+    main = {id(r) for r in moe_routers(model)}
 
     def route(router: Router, scores: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         if router.method == "noaux_tc":
-            bias, load = balancing_bias(router, scores)
+            if batches is not None and id(router) in main:
+                bias, load = batch_balancing_bias(router, scores.view(*tokens.shape, -1), batches)
+            else:
+                bias, load = balancing_bias(router, scores)
             router.bias.copy_(bias)
             loads.append(load)
             choice = router.mask_groups(scores + bias)
@@ -716,9 +757,17 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
         p.requires_grad_(False)
     n = min(s.calibrate_len, model.cfg.max_position_embeddings, ids.size - 1)
 
+    by_document = document_batches(model_dir, data, s.calibrate_windows, n, s.calibrate_batch, s.seed + 1)
+
     def calibrate() -> None:
-        log(f"tune-routing: balancing the bias on {s.calibrate_windows} windows of {n} tokens")
-        loads = calibrate_bias(model, windows(ids, s.calibrate_windows, n, s.seed + 1, 0))
+        if by_document is None:
+            log(f"tune-routing: balancing the bias on {s.calibrate_windows} windows of {n} tokens")
+            loads = calibrate_bias(model, windows(ids, s.calibrate_windows, n, s.seed + 1, 0))
+        else:
+            tokens, batches = by_document
+            log(f"tune-routing: balancing the bias batch-wise on {len(batches)} batches of {batches.shape[1]} "
+                f"documents' {n}-token windows ({len(tokens)} windows)")
+            loads = calibrate_bias(model, tokens, batches)
         log(f"tune-routing: max/mean load on them {max(loads, default=1.0):.3f} at worst")
 
     if s.heal_steps:
