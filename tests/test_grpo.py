@@ -455,6 +455,14 @@ def test_distillation_trains_only_the_mtp_modules_and_resumes(tmp_path):
         with torch.no_grad():
             agree.append(distill_loss(model, own)[1]["agree1"])
     assert agree[1] > agree[0], agree
+    alone = tmp_path / "alone"  # the distillation alone, on a healed checkpoint: no GRPO state to resume
+    assert main(["tune-routing", "--model", str(healed), "--data", str(text), "--out", str(alone), "--steps", "0",
+                 "--distill-steps", "2", "--distill-sequences", "4", "--heal-seq-len", "48", "--calibrate-windows",
+                 "2", "--calibrate-len", "32"]) == 0
+    c = load_file(str(checkpoint_files(alone)[0]))
+    changed = {k for k in a if not torch.equal(a[k], c[k])}
+    assert any(k.startswith(mtp) for k in changed)
+    assert all(k.startswith(mtp) or k.endswith("e_score_correction_bias") for k in changed), sorted(changed)[:5]
 
 
 def test_soft_union_and_balance_terms():

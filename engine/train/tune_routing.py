@@ -696,7 +696,7 @@ def tune(model_dir: str | Path, out: str | Path, s: TuneSettings, data: str | No
         raise ValueError("--credit must be 'layer' or 'shared'")
     if out.resolve() == model_dir.resolve():
         raise ValueError("--out must be another folder than --model")
-    out.mkdir(parents=True, exist_ok=True)
+    (out / STATE).mkdir(parents=True, exist_ok=True)  # heal and distill checkpoints, --steps 0 too
     torch.manual_seed(s.seed)
     model = load_model(model_dir, device="cpu", dtype="float32")
     if (s.heal_steps or s.distill_steps) and quantization_config(model) is not None:
