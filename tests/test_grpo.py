@@ -246,6 +246,25 @@ def test_a_folder_of_documents_balances_the_bias_batch_wise(tuned, tmp_path, cap
     assert json.loads((out / "tuning.json").read_text())["settings"]["calibrate_batch"] == 16
 
 
+def test_default_tuning_text_keeps_the_chats(tmp_path, monkeypatch):
+    """Without --data, a model whose tokenizer is not the bundled one tunes and heals on the corpus
+    builder's documents and its chats in the model's own chat template: healing on documents alone
+    unlearned the chat turns (the bundled model's replies stopped 0 times in 20 after it)."""
+    import engine.train.corpus as corpus_mod
+    from engine.tokenizer import Tokenizer
+    from engine.train.corpus import Corpus
+    from engine.train.tune_routing import default_ids
+
+    src = write_tiny_model(tmp_path / "src", seed=1)
+    chat = [{"role": "user", "content": "What is textwrap?"}, {"role": "assistant", "content": "Text wrapping."}]
+    monkeypatch.setattr(corpus_mod, "build_corpus", lambda: Corpus(train=["def f():\n    return 1\n"],
+                                                                    train_chats=[chat]))
+    tok = Tokenizer.from_dir(src)
+    assert tok.chat_template
+    text = tok.decode(default_ids(src, None).tolist())
+    assert "def f():" in text and tok.decode(tok.encode(tok.render_chat(chat, add_generation_prompt=False))) in text
+
+
 def test_balance_scope_window_scores_each_window_load(tmp_path):
     """--balance-scope window: the imbalance is each token window's own max/mean load (so it differs
     between the B windows of a rollout); an unknown scope is refused."""

@@ -327,26 +327,32 @@ def data_texts(data: str) -> list[str]:
 
 
 def default_ids(model_dir: Path, data: str | None) -> np.ndarray:
-    """Token ids to tune on: --data (a text, or a folder's documents joined; the model's tokenizer); else
-    the bundled model's training ids when this model has its tokenizer; else the corpus builder's
-    training documents."""
+    """Token ids to tune on: --data (a text, or a folder's documents joined; the model's tokenizer); else,
+    for a model with the bundled model's tokenizer, the bundled model's own training ids (built by
+    default_model.prepare_data when missing: its documents and chats, the chats twice); else the corpus
+    builder's training documents and chats, the chats in the model's chat template where it has one.
+    Healing on documents alone (as this once did when the training ids had not been built) unlearns the
+    chat turns: the healed model stopped 0 of 20 chat replies where the bundled model stopped 11."""
+    from engine.paths import BUNDLED_MODEL
     from engine.tokenizer import Tokenizer
-    from engine.train.default_model import DEFAULT_WORK
+    from engine.train.default_model import DEFAULT_WORK, prepare_data
 
     tok_file = model_dir / "tokenizer.json"
-    if data is None:
-        work_tok = DEFAULT_WORK / "tokenizer.json"
-        if (DEFAULT_WORK / "train_ids.npy").is_file() and work_tok.is_file() and tok_file.is_file() \
-                and work_tok.read_bytes() == tok_file.read_bytes():
-            return np.load(DEFAULT_WORK / "train_ids.npy").astype(np.int64)
     if not tok_file.is_file():
         raise ValueError(f"{model_dir} has no tokenizer.json to encode the tuning text with")
     tokenizer = Tokenizer.from_dir(model_dir)
     if data is not None:
-        text = "\n\n".join(data_texts(data))
-    else:
-        from engine.train.corpus import build_corpus
-        text = "\n\n".join(build_corpus().train)
+        return np.asarray(tokenizer.encode("\n\n".join(data_texts(data))), dtype=np.int64)
+    bundled_tok = BUNDLED_MODEL / "tokenizer.json"
+    if bundled_tok.is_file() and bundled_tok.read_bytes() == tok_file.read_bytes():
+        prepare_data(DEFAULT_WORK)
+        if (DEFAULT_WORK / "tokenizer.json").read_bytes() == tok_file.read_bytes():
+            return np.load(DEFAULT_WORK / "train_ids.npy").astype(np.int64)
+    from engine.train.corpus import build_corpus
+    corpus = build_corpus()
+    text = "\n\n".join(corpus.train)
+    if tokenizer.chat_template:
+        text += "".join(tokenizer.render_chat(c, add_generation_prompt=False) for c in corpus.train_chats)
     return np.asarray(tokenizer.encode(text), dtype=np.int64)
 
 
