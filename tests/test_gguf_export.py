@@ -3,7 +3,7 @@ native engine's logits and greedy output (random tiny models in every layout the
 bundled model), Q8_0 and llama.cpp's Q4_K_M stay close, the tokenizer splits text identically, and what
 llama.cpp cannot run faithfully is refused.
 
-Positions where a router's choice is within 1e-3 of another candidate are left out of the exact
+Positions where a router's choice is within 1e-4 of another candidate are left out of the exact
 comparisons: float rounding in another runtime may flip such a choice and move the logits by O(1)
 (gguf_fixtures.routing_margins); the tests also check that few positions are left out.
 """
@@ -36,8 +36,10 @@ from engine.tokenizer import Tokenizer  # noqa: E402
 from gguf_fixtures import (exported_tiny, llama_log, llama_logits, native_logits, open_llama,  # noqa: E402
                            routing_margins)
 
-TOL = 1e-3  # max |logit difference| of an F32 export (measured: ~3e-6 tiny, ~1.3e-5 bundled)
-MARGIN = 1e-3  # routing margin below which a position proves nothing
+TOL = 1e-3  # max |logit difference| of an F32 export (measured: ~3e-6 tiny, ~1.7e-5 bundled)
+MARGIN = 1e-4  # routing margin below which a position proves nothing: 100x the runtimes' fp32 rounding of
+# the scores (~1e-6); the routing-tuned bundled model routes 13% of positions within 1e-3 in one layer
+# (76% of positions clear of 1e-3 in every layer, 96% of 1e-4)
 TEXTS = ["def f(x):\n    return x ** 2  # square\n\n\tif x != 0:\r\n        pass",
          "Héllo wörld! naïve café — “quotes” … 日本語のテキスト 한국어 😀👍🏽 ∑∫√",
          "  leading, trailing   \n\n  multiple    spaces\t\ttabs \u00a0nbsp ",
@@ -192,9 +194,10 @@ def test_bundled_f32_export_gives_the_native_logits_and_greedy_output(bundled):
 
 def test_bundled_q8_0_agrees_on_greedy_positions(bundled, tmp_path):
     """Teacher-forced on the native greedy continuations, llama.cpp's Q8_0 picks the same top token at
-    98% of the positions (measured 315/320 with the embedding and head in f16, 312/320 with them Q8_0),
-    and at 98% of those where the native choice is clear (top-2 gap ≥ 0.1 logit). The misses sit at
-    near-tied logits: llama.cpp's CPU products quantize the activations to 8 bits too."""
+    98% of the positions (measured 317/320 with the embedding and head in f16; 312/320 with them Q8_0 on
+    the model as first built), and at 98% of those where the native choice is clear (top-2 gap ≥ 0.1
+    logit). The misses sit at near-tied logits: llama.cpp's CPU products quantize the activations to 8
+    bits too."""
     pre, _, _, greedy = bundled
     path = export_gguf(BUNDLED_MODEL, tmp_path / "mini-q8_0.gguf", "q8_0")
     assert set(describe_gguf(path)["types"]) == {"Q8_0", "F16", "F32"}  # attn_k_b rows (24) stay F16
