@@ -13,7 +13,6 @@ from engine.pretrained import Pretrained
 from engine.routing_stats import RoutingRecorder
 
 
-@torch.inference_mode()
 def text_files(paths: list[str]) -> list[Path]:
     """Files as given, folders as the .txt files in them (sorted): one document each."""
     out = []
@@ -24,6 +23,7 @@ def text_files(paths: list[str]) -> list[Path]:
     return out
 
 
+@torch.inference_mode()
 def token_nll(model, ids: list[int], window: int, recorder: RoutingRecorder | None = None) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods and how many tokens were scored.
 

@@ -153,7 +153,7 @@ def batch_loads(router: Router, scores: torch.Tensor, bias: torch.Tensor, batche
     of T tokens, batches [nb, m] the windows in each batch."""
     B, T, E = scores.shape
     ids = router.mask_groups((scores + bias).view(B * T, E)).topk(router.top_k, dim=-1, sorted=False).indices
-    per_window = torch.zeros(B * T, E).scatter_(1, ids, 1.0).view(B, T, E).sum(1)  # [B, E]
+    per_window = scores.new_zeros(B * T, E).scatter_(1, ids, 1.0).view(B, T, E).sum(1)  # [B, E]
     load = per_window[batches].sum(1)  # [nb, E]
     return load / load.mean(dim=1, keepdim=True)
 
