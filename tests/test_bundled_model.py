@@ -70,3 +70,15 @@ def test_card_is_rendered_from_its_figures_with_a_routing_section_when_tuned():
     assert "## Routing tuned for speculation" in tuned and "--heal-union 1.0" in tuned
     assert "| expert union per 4-token window | 4.831 | 3.962 | -18.0% |" in tuned
     assert "| batch-wise max/mean load | 1.526 | 1.290 | -15.5% |" in tuned
+
+
+def test_bundled_model_ends_its_chat_replies(bundled):
+    """Greedy replies to the card's 20 questions end with the end-of-turn token, as the card records (13 of
+    20; the model as first built: 11). Healing on documents alone once left a candidate at 0 of 20, every
+    reply running to the token limit."""
+    from engine.train.export import chat_endings
+
+    recorded = json.loads((BUNDLED_MODEL / "figures.json").read_text())["figures"]["chat_endings"]
+    measured = chat_endings(bundled)
+    assert measured["ended"] >= 8, measured
+    assert abs(measured["ended"] - recorded["ended"]) <= 2, (measured, recorded)

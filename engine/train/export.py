@@ -60,6 +60,30 @@ def greedy_acceptance(pre: Pretrained, held_ids: np.ndarray, prompts: int = 20, 
     return {"k": k, "prompts": prompts, "acceptance_per_position": [a / r if r else None for a, r in zip(accepted, reached)]}
 
 
+CHAT_QUESTIONS = (
+    "What does `json.dumps` do?", "What is `os.path.join`?", "Explain `collections.Counter`.",
+    "What does `argparse.ArgumentParser.add_argument` do?", "What is `queue.Queue`?", "Describe `warnings.warn`.",
+    "What does `filecmp.cmp` do?", "What is `netrc.netrc`?", "What does `shutil.copy` do?", "What is `re.compile`?",
+    "What does `itertools.chain` do?", "What is `functools.partial`?", "What does `math.sqrt` do?",
+    "What is `pathlib.Path`?", "What does `random.choice` do?", "What is `subprocess.run`?",
+    "What does `time.sleep` do?", "What is `datetime.timedelta`?", "What does `heapq.heappush` do?",
+    "What is `threading.Lock`?")
+
+
+def chat_endings(pre: Pretrained, max_tokens: int = 128) -> dict:
+    """How many greedy replies to CHAT_QUESTIONS end (the model's end-of-turn) within max_tokens. A model
+    that has lost its chat turns runs every reply to the limit: healing on the library's documents alone
+    did that (0 of 20), where the model as built ended 11."""
+    ended, lengths = 0, []
+    for q in CHAT_QUESTIONS:
+        r = generate(pre.model, pre.encode_prompt(chat=[{"role": "user", "content": q}]),
+                     SamplingParams(max_tokens=max_tokens), eos_ids=pre.eos_ids)
+        ended += r.finish_reason == "stop"
+        lengths.append(len(r.token_ids))
+    return {"ended": ended, "questions": len(CHAT_QUESTIONS), "max_tokens": max_tokens,
+            "mean_tokens": sum(lengths) / len(lengths)}
+
+
 def measure(pre: Pretrained, work: Path) -> dict:
     held = np.load(work / "held_out_ids.npy")
     train = np.load(work / "train_ids.npy")
@@ -67,7 +91,7 @@ def measure(pre: Pretrained, work: Path) -> dict:
     figures = {"held_out_perplexity": math.exp(nll / n), "held_out_tokens": n,
                "unigram_perplexity": unigram_perplexity(train, held, pre.cfg.vocab_size),
                "mtp_teacher_forced_agreement": mtp_agreement(pre.model, held),
-               "mtp_greedy_acceptance": greedy_acceptance(pre, held)}
+               "mtp_greedy_acceptance": greedy_acceptance(pre, held), "chat_endings": chat_endings(pre)}
     configs = configurations(["mtp"], ["1", "2", "3", "auto"])
     bench = run_bench(pre, BUILTIN_PROMPTS, configs, max_tokens=128, repeat=3)
     figures["bench"] = bench["configs"]
@@ -157,7 +181,7 @@ Measured on the exported files as the app loads them (fp32 on the CPU):
   held-out prompts, per draft position (conditional on the earlier drafts accepted):
   {', '.join(f'{a:.2f}' for a in acc if a is not None)}; position 1: **{acc[0]:.2f}**.
 - Teacher-forced agreement of MTP depth k with the main model on held-out text: {', '.join(f'{a:.2f}' for a in f['mtp_teacher_forced_agreement'])}.
-- Decode speed, `engine bench` (greedy, 128 tokens, built-in chat/code/prose prompts, 3 interleaved
+{chat_line(f.get('chat_endings'))}- Decode speed, `engine bench` (greedy, 128 tokens, built-in chat/code/prose prompts, 3 interleaved
   rounds, medians; speedups against speculation off in the same run):
 
 | config | decode tok/s | speedup | worst prompt | tokens per verify step | identical output |
@@ -166,6 +190,14 @@ Measured on the exported files as the app loads them (fp32 on the CPU):
 
 MTP speculation with automatic draft length: **{auto.get('speedup', 0):.2f}×** over plain decoding.
 {routing_section(info.get('routing'))}{quantization_section(f.get('quantization'))}"""
+
+
+def chat_line(c: dict | None) -> str:
+    """The card's line on chat replies that end (chat_endings), if measured."""
+    if not c:
+        return ""
+    return (f"- Greedy chat replies to {c['questions']} fixed questions about standard-library names that end within "
+            f"{c['max_tokens']} tokens: {c['ended']} (mean length {c['mean_tokens']:.0f} tokens).\n")
 
 
 def routing_section(r: dict | None) -> str:
