@@ -797,6 +797,9 @@ struct Weight {
       const __m512 sv = _mm512_loadu_ps(st + 16 * (b >> gs));
       __m512i part[MB];
       for (int m = 0; m < MB; ++m) part[m] = _mm512_setzero_si512();
+      // unrolled: left as a loop for 5-8 tokens, GCC 12 kept v[] on the stack and copied accumulators
+      // between registers (one move per three vpdpbusd); 8 tokens in cache +6% (median of 8 alternated pairs)
+#pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const __m512i lo = _mm512_and_si512(v[j], nib);
 #ifdef __GFNI__
