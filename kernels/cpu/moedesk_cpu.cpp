@@ -442,8 +442,13 @@ struct Weight {
     if (blocked) return blocked_rows(x, M, n0, n1, y, ldy, pf);
 #ifdef __AVX512BF16__
     if (level == AVX512 && xb && K % 32 == 0) {
+      // 3 weight rows for 5-8 tokens (24 accumulators): each activation vector loaded serves 3 rows. 8
+      // tokens of K = 2048 are 32 KB of bf16 activations, L1's size, so they come from L2 beside the
+      // streaming weights; with 2 rows, 8-token products at that K read 15.5 GB/s, with 3 19.0 (2
+      // threads, from memory, medians of 5 alternated runs; K = 1408: 24.1 → 23.3). (int8's vnni_rows
+      // spilled its 24 accumulators to the stack at 3 rows, and keeps 2.)
       auto dp = [&]<int FMT>() {
-        blocks<8, 4>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
+        blocks<8, 4, 8, 3>(M, n0, n1, [&]<int R, int MB>(int64_t n, int64_t m0) {
           dp_rows<FMT, R, MB>(xb + m0 * K, n, y + m0 * ldy, ldy, pf);
         });
       };
@@ -511,27 +516,27 @@ struct Weight {
   // kernel.operator()<R, MB>(n, m0) over weight rows [n0, n1), R at a time (the rest one by one), and
   // activation rows in blocks of up to MAXB from m0: the counts are template arguments so that the
   // R × MB accumulators are registers. Blocks of up to SMALL_MB rows take 4 weight rows at a time, of up
-  // to MID_MB rows 2, larger ones 1.
-  template <int MAXB, int SMALL_MB, int MID_MB = 8, class F>
+  // to MID_MB rows MID_R, larger ones 1.
+  template <int MAXB, int SMALL_MB, int MID_MB = 8, int MID_R = 2, class F>
   static void blocks(int64_t M, int64_t n0, int64_t n1, F&& kernel) {
     for (int64_t m0 = 0; m0 < M; m0 += MAXB) {
       switch (std::min<int64_t>(MAXB, M - m0)) {
-        case 1: sweep<MAXB, SMALL_MB, MID_MB, 1>(n0, n1, m0, kernel); break;
-        case 2: sweep<MAXB, SMALL_MB, MID_MB, 2>(n0, n1, m0, kernel); break;
-        case 3: sweep<MAXB, SMALL_MB, MID_MB, 3>(n0, n1, m0, kernel); break;
-        case 4: sweep<MAXB, SMALL_MB, MID_MB, 4>(n0, n1, m0, kernel); break;
-        case 5: sweep<MAXB, SMALL_MB, MID_MB, 5>(n0, n1, m0, kernel); break;
-        case 6: sweep<MAXB, SMALL_MB, MID_MB, 6>(n0, n1, m0, kernel); break;
-        case 7: sweep<MAXB, SMALL_MB, MID_MB, 7>(n0, n1, m0, kernel); break;
-        default: sweep<MAXB, SMALL_MB, MID_MB, 8>(n0, n1, m0, kernel); break;
+        case 1: sweep<MAXB, SMALL_MB, MID_MB, MID_R, 1>(n0, n1, m0, kernel); break;
+        case 2: sweep<MAXB, SMALL_MB, MID_MB, MID_R, 2>(n0, n1, m0, kernel); break;
+        case 3: sweep<MAXB, SMALL_MB, MID_MB, MID_R, 3>(n0, n1, m0, kernel); break;
+        case 4: sweep<MAXB, SMALL_MB, MID_MB, MID_R, 4>(n0, n1, m0, kernel); break;
+        case 5: sweep<MAXB, SMALL_MB, MID_MB, MID_R, 5>(n0, n1, m0, kernel); break;
+        case 6: sweep<MAXB, SMALL_MB, MID_MB, MID_R, 6>(n0, n1, m0, kernel); break;
+        case 7: sweep<MAXB, SMALL_MB, MID_MB, MID_R, 7>(n0, n1, m0, kernel); break;
+        default: sweep<MAXB, SMALL_MB, MID_MB, MID_R, 8>(n0, n1, m0, kernel); break;
       }
     }
   }
 
-  template <int MAXB, int SMALL_MB, int MID_MB, int MB, class F>
+  template <int MAXB, int SMALL_MB, int MID_MB, int MID_R, int MB, class F>
   static void sweep(int64_t n0, int64_t n1, int64_t m0, F& kernel) {
     if constexpr (MB <= MAXB) {
-      constexpr int R = MB <= SMALL_MB ? 4 : MB <= MID_MB ? 2 : 1;
+      constexpr int R = MB <= SMALL_MB ? 4 : MB <= MID_MB ? MID_R : 1;
       int64_t n = n0;
       for (; n + R <= n1; n += R) kernel.template operator()<R, MB>(n, m0);
       for (; n < n1; ++n) kernel.template operator()<1, MB>(n, m0);
