@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from kernels import cpu, use_triton
 from kernels.formats import INT4_GROUPS, QWeight, dequantize, quantize_fp8, quantize_int4, quantize_int8
-from engine.model.linear import decode_shaped, read_bytes
+from engine.model.linear import by_kernel_rows, decode_shaped, kernel_ready, read_bytes
 from engine.model.moe import Experts
 
 KEEP_DENSE = ("kv_up_proj", "router")  # module names never quantized (see the module docstring)
@@ -105,9 +105,21 @@ class QuantLinear(torch.nn.Module):
         if self.spec.fmt == "int8" and decode_shaped(x):  # moedesk's kernel: the weight read once, in place
             return torch.ops.moedesk.linear(x, self.qweight, self.scale, cpu.empty(), cpu.FORMATS["int8"], 0
                                             ).to(x.dtype)
-        if self._cpu is None:  # int4: torch's kernel is faster for one row than moedesk's (docs/quantization.md)
+        if self.spec.fmt == "int4" and kernel_ready(x) and self.qweight.shape[-1] * 2 == x.shape[-1]:  # kernel_int4
+            return kernel_int4(self.qw, x)
+        if self._cpu is None:
             self._cpu = cpu_pack(self.qw)
         return cpu_product(self._cpu, x)
+
+
+def kernel_int4(qw: QWeight, x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ Wᵀ for an int4 weight through moedesk's kernel, 16 rows a call, the weight as stored.
+    Prefill took torch's int4 kernel, whose packed copy of every int4 weight, made at the first prompt,
+    doubled an int4 model's memory and delayed that prompt's first token by the packing (V2-Lite-shaped,
+    4 layers: +400 MiB and 1.1 s)."""
+    fmt = cpu.FORMATS["int4"]
+    return by_kernel_rows(lambda rows: torch.ops.moedesk.linear(rows, qw.qweight, qw.scale, qw.zero, fmt, qw.group),
+                          x).to(x.dtype)
 
 
 def cpu_product(packed_weight: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -203,9 +215,19 @@ class QuantExperts(Experts):
         return self.forward_grouped(x, weights, ids)
 
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Rows grouped by expert → each group through its quantized SwiGLU (the CPU path)."""
+        """Rows grouped by expert → each group through its quantized SwiGLU (the CPU path). int4 goes
+        through moedesk's kernel (kernel_int4): each expert read once per 16 of its rows."""
+        gate_up, down = self.kernel_weights()
+        if self.spec.fmt == "int4" and kernel_ready(xs) and gate_up.shape[-1] == xs.shape[-1] and down.shape[-1] == self.inter:
+            out = torch.empty(xs.shape[0], down.shape[-2], dtype=xs.dtype, device=xs.device)
+            start = 0
+            for e, n in enumerate(counts.tolist()):  # one host read per layer, as in Experts
+                if n:
+                    gate, up = kernel_int4(gate_up.expert(e), xs[start:start + n]).split(self.inter, dim=-1)
+                    out[start:start + n] = kernel_int4(down.expert(e), F.silu(gate) * up)
+                    start += n
+            return out
         if self._cpu is None:
-            gate_up, down = self.kernel_weights()
             self._cpu = [(cpu_pack(gate_up.expert(e)), cpu_pack(down.expert(e))) for e in range(self.n_experts)]
         out = torch.empty(xs.shape[0], self.stacked("down").shape[-2], dtype=xs.dtype, device=xs.device)
         start = 0

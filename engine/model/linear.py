@@ -18,10 +18,22 @@ CPU_FORMATS = {torch.float32: cpu.FORMATS["fp32"], torch.bfloat16: cpu.FORMATS["
 log = logging.getLogger(__name__)
 
 
+def kernel_ready(x: torch.Tensor) -> bool:
+    """Whether the CPU kernels can take products with these activations: CPU, no autograd, kernels built."""
+    return x.device.type == "cpu" and x.dim() >= 2 and not torch.is_grad_enabled() and cpu.available()
+
+
 def decode_shaped(x: torch.Tensor) -> bool:
     """Whether the CPU kernels take this product: few rows, no autograd, the kernels built."""
-    return (x.device.type == "cpu" and x.dim() >= 2 and x.numel() <= cpu.MAX_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled() and cpu.available())
+    return x.numel() <= cpu.MAX_ROWS * x.shape[-1] and kernel_ready(x)
+
+
+def by_kernel_rows(product, x: torch.Tensor) -> torch.Tensor:
+    """product(rows) over x's rows [..., K], cpu.MAX_ROWS at a time (what the kernels take): a prefill
+    through the decode kernels, each call reading the weight once for its rows. fp32 out."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.cat([product(rows[i:i + cpu.MAX_ROWS]) for i in range(0, rows.shape[0], cpu.MAX_ROWS)])
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def bf16_valued(w: torch.Tensor) -> bool:
