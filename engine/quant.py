@@ -102,23 +102,22 @@ class QuantLinear(torch.nn.Module):
             return quant_matmul(x, self.qw)
         if x.is_cuda:  # prefill: one transient dequantized copy of this layer beats a slow product
             return F.linear(x, dequantize(self.qw, x.dtype))
-        if self.spec.fmt == "int8" and decode_shaped(x):  # moedesk's kernel: the weight read once, in place
-            return torch.ops.moedesk.linear(x, self.qweight, self.scale, cpu.empty(), cpu.FORMATS["int8"], 0
-                                            ).to(x.dtype)
-        if self.spec.fmt == "int4" and kernel_ready(x) and self.qweight.shape[-1] * 2 == x.shape[-1]:  # kernel_int4
-            return kernel_int4(self.qw, x)
+        if self.spec.fmt in ("int8", "int4") and kernel_ready(x) and self.qw.shape[-1] == x.shape[-1]:
+            return kernel_product(self.qw, x)
         if self._cpu is None:
             self._cpu = cpu_pack(self.qw)
         return cpu_product(self._cpu, x)
 
 
-def kernel_int4(qw: QWeight, x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ Wᵀ for an int4 weight through moedesk's kernel, 16 rows a call, the weight as stored.
-    Prefill took torch's int4 kernel, whose packed copy of every int4 weight, made at the first prompt,
-    doubled an int4 model's memory and delayed that prompt's first token by the packing (V2-Lite-shaped,
-    4 layers: +400 MiB and 1.1 s)."""
-    fmt = cpu.FORMATS["int4"]
-    return by_kernel_rows(lambda rows: torch.ops.moedesk.linear(rows, qw.qweight, qw.scale, qw.zero, fmt, qw.group),
+def kernel_product(qw: QWeight, x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ Wᵀ for an int8 or int4 weight through moedesk's kernel, 16 rows a call, the weight as
+    stored: decode and prefill alike. int4 prefill took torch's int4 kernel, whose packed copy of every
+    int4 weight, made at the first prompt, doubled an int4 model's memory and delayed that prompt's first
+    token by the packing (V2-Lite-shaped, 4 layers: +400 MiB and 1.1 s); int8 prefill took torch's int8
+    kernel, slower than this one (docs/quantization.md)."""
+    fmt = cpu.FORMATS[qw.fmt]
+    zero = cpu.empty() if qw.zero is None else qw.zero
+    return by_kernel_rows(lambda rows: torch.ops.moedesk.linear(rows, qw.qweight, qw.scale, zero, fmt, qw.group),
                           x).to(x.dtype)
 
 
@@ -215,16 +214,17 @@ class QuantExperts(Experts):
         return self.forward_grouped(x, weights, ids)
 
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Rows grouped by expert → each group through its quantized SwiGLU (the CPU path). int4 goes
-        through moedesk's kernel (kernel_int4): each expert read once per 16 of its rows."""
+        """Rows grouped by expert → each group through its quantized SwiGLU (the CPU path). int8 and int4 go
+        through moedesk's kernel (kernel_product): each expert read once per 16 of its rows."""
         gate_up, down = self.kernel_weights()
-        if self.spec.fmt == "int4" and kernel_ready(xs) and gate_up.shape[-1] == xs.shape[-1] and down.shape[-1] == self.inter:
+        if (self.spec.fmt in ("int8", "int4") and kernel_ready(xs) and gate_up.shape[-1] == xs.shape[-1]
+                and down.shape[-1] == self.inter):
             out = torch.empty(xs.shape[0], down.shape[-2], dtype=xs.dtype, device=xs.device)
             start = 0
             for e, n in enumerate(counts.tolist()):  # one host read per layer, as in Experts
                 if n:
-                    gate, up = kernel_int4(gate_up.expert(e), xs[start:start + n]).split(self.inter, dim=-1)
-                    out[start:start + n] = kernel_int4(down.expert(e), F.silu(gate) * up)
+                    gate, up = kernel_product(gate_up.expert(e), xs[start:start + n]).split(self.inter, dim=-1)
+                    out[start:start + n] = kernel_product(down.expert(e), F.silu(gate) * up)
                     start += n
             return out
         if self._cpu is None:

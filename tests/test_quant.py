@@ -57,14 +57,15 @@ def test_cpu_kernels_compute_the_reference_product(fmt, N, K, group):
 
 
 @pytest.mark.skipif(not cpu.available(), reason="moedesk's CPU kernels are not built")
-@pytest.mark.parametrize("K,group", [(128, 64), (96, 64), (64, 32)])
-def test_int4_prefill_runs_the_kernel_on_the_stored_weight(K, group):
-    """More rows than the kernels take at once (a prompt), int4 linears and experts: moedesk's kernel 16 rows
-    a call, no packed copy of the weight (torch's int4 kernel needed one, doubling the model's memory),
-    every row the bits of a one-row call (the prefill's cache equals one-token steps'), close to
-    x @ dequantize(W)ᵀ (int8 activations per 64 values: ~0.6% relative)."""
+@pytest.mark.parametrize("fmt,K,group", [("int4", 128, 64), ("int4", 96, 64), ("int4", 64, 32), ("int8", 96, 0)])
+def test_quantized_prefill_runs_the_kernel_on_the_stored_weight(fmt, K, group):
+    """More rows than the kernels take at once (a prompt), int8 and int4 linears and experts: moedesk's
+    kernel 16 rows a call, no packed copy of the weight (torch's int4 kernel needed one, doubling the
+    model's memory), every row the bits of a one-row call (the prefill's cache equals one-token steps'),
+    close to x @ dequantize(W)ᵀ (int4: int8 activations per 64 values, ~0.6% relative)."""
     torch.manual_seed(2)
-    lin = QuantLinear(K, 48, QuantSpec("int4", group))
+    spec = QuantSpec(fmt, group) if fmt == "int4" else QuantSpec(fmt)
+    lin = QuantLinear(K, 48, spec)
     lin.set_weight(torch.randn(48, K))
     x = torch.randn(37, K)
     with torch.inference_mode():
@@ -74,7 +75,7 @@ def test_int4_prefill_runs_the_kernel_on_the_stored_weight(K, group):
     want = x @ dequantize(lin.qw).T
     assert ((y - want).norm() / want.norm()).item() < 0.015
 
-    experts = QuantExperts(4, K, 32, QuantSpec("int4", group))
+    experts = QuantExperts(4, K, 32, spec)
     for name, (N, KK) in {"gate_up": (64, K), "down": (K, 32)}.items():
         for e in range(4):
             experts.set_expert(name, e, slice(None), torch.randn(N, KK) * 0.1)
