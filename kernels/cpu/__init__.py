@@ -117,7 +117,9 @@ _EMPTY = torch.empty(0)
 
 
 def blocks16(w: torch.Tensor) -> torch.Tensor:
-    """bf16 rows [..., N, K] in the kernels' format "bf16_blocks": each block of 16 rows stored column by
-    column ((n, k) at (n // 16) · 16K + 16k + n % 16), kept in a tensor of the same shape."""
+    """bf16 rows [..., N, K] (N a multiple of 16, K even) in the kernels' format "bf16_blocks": each block
+    of 16 rows stored by pairs of columns ((n, k) at (n // 16) · 16K + 32 (k // 2) + 2 (n % 16) + k % 2),
+    kept in a tensor of the same shape."""
     *lead, N, K = w.shape
-    return w.reshape(*lead, N // 16, 16, K).transpose(-1, -2).contiguous().reshape(w.shape)
+    blocks = w.reshape(*lead, N // 16, 16, K // 2, 2).transpose(-2, -3)
+    return blocks.contiguous().reshape(w.shape)

@@ -1036,12 +1036,15 @@ struct Weight {
   }
 #endif
 
-  // Format BF16_BLOCKS: bf16 values met by fp32 activations, the rows in blocks of 16 laid out column by
-  // column: (n, k) at (n / 16) · 16K + 16k + n % 16. Each vector holds one column of 16 outputs, each
-  // activation is broadcast, and each output's dot is one FMA per column in column order: no horizontal
-  // sum per (row, token), and the weight vector serves every token. Rows of the bundled model's 192
-  // columns were 12 FMAs each, then a 16-lane sum; one thread, a 512 × 192 weight: 4.2 → 3.3 µs for one
-  // token, 13.6 → 7.3 µs for four. The bits are the same for any row count and any instruction set.
+  // Format BF16_BLOCKS: bf16 values met by fp32 activations, the rows in blocks of 16 laid out by pairs of
+  // columns: (n, k) at (n / 16) · 16K + 32 (k / 2) + 2 (n % 16) + k % 2, so a 32-bit word holds one row's
+  // columns k and k + 1. Each vector holds a pair of columns of 16 outputs, each activation is broadcast,
+  // and each output's dot is one FMA per column in column order: no horizontal sum per (row, token), and
+  // the weight vector serves every token. Rows of the bundled model's 192 columns were 12 FMAs each, then
+  // a 16-lane sum; one thread, a 512 × 192 weight: 4.2 → 3.3 µs for one token, 13.6 → 7.3 µs for four.
+  // By pairs (December 7, fifth session), one 64-byte load gives two columns, widened by one shift and
+  // one mask, where one column took a widening load and a shift. The bits are the same for any row count
+  // and any instruction set, and the same as column by column (the FMAs run in the same order).
   void blocked_rows(const float* x, int64_t M, int64_t n0, int64_t n1, float* y, int64_t ldy, bool pf) const {
 #ifdef __AVX512F__
     if (isa() == AVX512) {
@@ -1063,11 +1066,11 @@ struct Weight {
 #endif
     const uint16_t* w = reinterpret_cast<const uint16_t*>(q);
     for (int64_t n = n0; n < n1; ++n) {
-      const uint16_t* col = w + n / 16 * 16 * K + n % 16;
+      const uint16_t* col = w + n / 16 * 16 * K + 2 * (n % 16);
       for (int64_t m = 0; m < M; ++m) {
         float acc = 0.f;
         for (int64_t k = 0; k < K; ++k) {
-          const uint32_t bits = static_cast<uint32_t>(col[16 * k]) << 16;
+          const uint32_t bits = static_cast<uint32_t>(col[32 * (k / 2) + k % 2]) << 16;
           float wk;
           std::memcpy(&wk, &bits, 4);
           acc = std::fma(wk, x[m * K + k], acc);
@@ -1085,17 +1088,21 @@ struct Weight {
     __m512 acc[V][MB];
     for (int v = 0; v < V; ++v)
       for (int m = 0; m < MB; ++m) acc[v][m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-      __m512 wv[V];
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int64_t k = 0; k < K; k += 2) {
+      __m512 even[V], odd[V];
       for (int v = 0; v < V; ++v) {
         const uint16_t* p = w + v * 16 * K + k * 16;
-        if (pf && !(k & 1)) prefetch_l2(p + PREFETCH / 2);  // a line per 2 columns
-        wv[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(p))), 16));
+        if (pf) prefetch_l2(p + PREFETCH / 2);  // a line per 2 columns
+        const __m512i pair = _mm512_loadu_si512(p);
+        even[v] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+        odd[v] = _mm512_castsi512_ps(_mm512_and_si512(pair, high));
       }
       for (int m = 0; m < MB; ++m) {
-        const __m512 xv = _mm512_set1_ps(x[m * K + k]);
-        for (int v = 0; v < V; ++v) acc[v][m] = _mm512_fmadd_ps(wv[v], xv, acc[v][m]);
+        const __m512 xe = _mm512_set1_ps(x[m * K + k]);
+        for (int v = 0; v < V; ++v) acc[v][m] = _mm512_fmadd_ps(even[v], xe, acc[v][m]);
+        const __m512 xo = _mm512_set1_ps(x[m * K + k + 1]);
+        for (int v = 0; v < V; ++v) acc[v][m] = _mm512_fmadd_ps(odd[v], xo, acc[v][m]);
       }
     }
     for (int v = 0; v < V; ++v) {
@@ -1150,7 +1157,8 @@ Weight weight_of(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
   TORCH_CHECK(q.is_contiguous() && q.device().is_cpu(), "moedesk: weights must be contiguous CPU tensors");
   TORCH_CHECK(fmt >= F32 && fmt <= BF16_BLOCKS, "moedesk: unknown weight format ", fmt);
   const bool blocked = fmt == BF16_BLOCKS, exact = fmt == BF16_EXACT || blocked;
-  TORCH_CHECK(!blocked || N % 16 == 0, "moedesk: a weight in blocks of 16 rows needs N a multiple of 16");
+  TORCH_CHECK(!blocked || (N % 16 == 0 && K % 2 == 0),
+              "moedesk: a weight in blocks of 16 rows needs N a multiple of 16 and K even");
   if (exact) fmt = BF16;
   Weight w{fmt, N, K, group, static_cast<const uint8_t*>(q.data_ptr()), nullptr, nullptr};
   w.exact = exact;
