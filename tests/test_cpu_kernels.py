@@ -291,7 +291,7 @@ def test_fused_attention_decode_matches_the_pytorch_layers(variant, monkeypatch)
     over = {"no-q-lora": {"q_lora_rank": 0}, "halves": {"rope_interleave": False}}.get(variant, {})
     out = decode_both_ways(small_model(variant, 1, **over), monkeypatch, seed=2)
     # int4: with the kernels on, the prefill's products round activations to int8 per 64 values as the
-    # decode's do (kernel_int4); off, torch's int4 kernel rounds them to bf16. Twice the per-product error.
+    # decode's do (kernel_product); off, torch's int4 kernel rounds them to bf16. Twice the per-product error.
     tol = {"int4": 5e-2}.get(variant, 2e-4 if variant in ("fp32", "no-q-lora", "halves") else 3e-2)
     assert_close(out, tol, variant)
 

@@ -82,7 +82,8 @@ def kernel_dense(w: torch.Tensor, blocks: bool = True) -> tuple[torch.Tensor, in
     if bf16_valued(w):
         if free_memory() > 4 * w.numel():
             copy = w.detach().to(torch.bfloat16)
-            if blocks and w.shape[-2] % 16 == 0 and w.shape[-1] % 2 == 0 and cpu.available() and torch.ops.moedesk.set_isa(-1) >= cpu.AVX512:
+            pairs = w.shape[-2] % 16 == 0 and w.shape[-1] % 2 == 0  # blocks of 16 rows, pairs of columns
+            if blocks and pairs and cpu.available() and torch.ops.moedesk.set_isa(-1) >= cpu.AVX512:
                 return cpu.blocks16(copy), cpu.FORMATS["bf16_blocks"]
             return copy, cpu.FORMATS["bf16_exact"]
         log.info("no memory to spare for a bf16 copy of a %s weight; the kernels read it as fp32", tuple(w.shape))
