@@ -76,7 +76,7 @@ def read_bytes(w: torch.Tensor) -> int:
 def kernel_dense(w: torch.Tensor, blocks: bool = True) -> tuple[torch.Tensor, int]:
     """A full-precision weight as moedesk's kernels read it, with its format. An fp32 weight holding only
     bf16 values goes as a bf16 copy met by fp32 activations ("bf16_exact"): half the bytes read per step.
-    On AVX-512, with rows a multiple of 16 and `blocks`, the copy is laid out in blocks of 16 rows
+    On AVX-512, with rows a multiple of 16, K even and `blocks`, the copy is laid out in blocks of 16 rows
     ("bf16_blocks"): no horizontal sum per output and token, one weight vector for every verified token.
     The copy is extra memory (half the fp32 weight), made only while there is room for it twice over."""
     if bf16_valued(w):
