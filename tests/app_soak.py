@@ -1,4 +1,5 @@
-"""The real app, offscreen, streaming reply after reply: `python tests/app_soak.py --replies 20 --json OUT`.
+"""The real app, offscreen, streaming reply after reply: `python tests/app_soak.py --replies 20 --json OUT`
+(`--weights int4` to soak the quantized path).
 
 Runs in a process of its own (tests/test_app_soak.py starts it), so a Qt binding that aborts Python fails
 the test instead of killing the test run. Each round sends a prompt through the composer's Send button
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--speculative", default="mtp", choices=["off", "mtp"])
     ap.add_argument("--per-chat", type=int, default=2, help="replies per chat (then a new chat)")
     ap.add_argument("--colour", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--weights", choices=["none", "int8", "int4"], default="none",
+                    help="native weights quantized while loading (the settings panel's Weights)")
     ap.add_argument("--json", default=None, help="write the result here too")
     args = ap.parse_args(argv)
 
@@ -61,6 +64,7 @@ def main(argv=None) -> int:
     session = ChatSession(Store(db))
     s = session.settings
     s.max_tokens, s.ignore_eos, s.speculative, s.k, s.temperature = args.tokens, True, args.speculative, "auto", 0.0
+    s.quant = args.weights
     window = MainWindow(session)
     window.resize(1240, 780)
     window.show()
@@ -83,7 +87,8 @@ def main(argv=None) -> int:
                 return 1
             reply = session.thread()[-1]
             st = reply["stats"]
-            replies.append({"prompt": PROMPTS[i % len(PROMPTS)], "colour": colour, "status": reply["status"], "tokens": st.get("generated_tokens"),
+            replies.append({"prompt": PROMPTS[i % len(PROMPTS)], "colour": colour, "status": reply["status"],
+                            "tokens": st.get("generated_tokens"), "prefill_s": st.get("prefill_s"),
                             "decode_tokens_per_s": st.get("decode_tokens_per_s"),
                             "time_to_first_token_s": st.get("time_to_first_token_s"),
                             "chars": len(reply["content"]),
