@@ -456,6 +456,31 @@ def test_an_mtp_catch_up_of_17_to_64_positions_runs_in_16_row_calls_and_equals_t
             torch.testing.assert_close(nxt, nxt0, atol=1e-5, rtol=1e-5)
 
 
+def test_an_mtp_pass_from_position_0_runs_fused_and_equals_the_modules(monkeypatch):
+    """An MTP depth's first pass of a reply starts at position 0 (catching up over the prompt): it runs on
+    the fused kernel too, in 16-row calls, within 1e-5 of the modules (whose attention from position 0 is
+    the expanded form). The main model's prefill from 0 stays on the PyTorch layers."""
+    model = small_model("fp32", 17, n_mtp=1, first_k_dense_replace=1, n_shared_experts=1)
+    g = torch.Generator().manual_seed(18)
+    calls = []
+    real = torch.ops.moedesk.mtp_decode
+    monkeypatch.setattr(torch.ops.moedesk, "mtp_decode", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    with torch.inference_mode():
+        for T in (5, 16, 40):
+            hidden = torch.randn(1, T, model.cfg.hidden_size, generator=g)
+            ids = torch.randint(2, 96, (1, T), generator=g)
+            model.setup_caches(1, 64)
+            assert model.fused_layers(hidden, 0) is None
+            want_h = model.mtp_forward(0, hidden, ids, 0)
+            want = model.mtp_logits(0, want_h[:, -1])[0]
+            model.setup_caches(1, 64)
+            calls.clear()
+            got_h, got = model.mtp_draft(0, hidden, ids, 0)
+            assert sum(calls) == T, calls
+            tol = 1e-5 * max(1.0, want.abs().max().item())
+            assert (got_h - want_h).abs().max() <= tol and (got - want).abs().max() <= tol, T
+
+
 @pytest.mark.parametrize("variant", ["fp32", "int8"])
 def test_an_mtp_depth_in_one_call_equals_its_modules(variant):
     """moedesk::mtp_decode (enorm, hnorm, eh_proj, the block, head_norm and head in one call) gives the

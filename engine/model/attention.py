@@ -139,10 +139,11 @@ class MLA(torch.nn.Module):
                                              is_causal=True, scale=self.softmax_scale)
         return out.transpose(1, 2)  # [B, T, nh, v]
 
-    def fused_args_for(self, x: torch.Tensor, norm: RMSNorm, rotary: RotaryEmbedding, start_pos):
+    def fused_args_for(self, x: torch.Tensor, norm: RMSNorm, rotary: RotaryEmbedding, start_pos, first: int = 1):
         """The CPU kernel's (tensors, ints, floats) for these new tokens, or None where it does not apply
-        (prefill, the static step, batches, the GPU, a weight format it lacks)."""
-        if (not isinstance(start_pos, int) or start_pos <= 0 or self.cache is None or x.shape[0] != 1
+        (prefill, the static step, batches, the GPU, a weight format it lacks). first: the lowest start_pos
+        taken (the main model's prefill from 0 keeps the expanded attention of the PyTorch layers)."""
+        if (not isinstance(start_pos, int) or start_pos < first or self.cache is None or x.shape[0] != 1
                 or not decode_shaped(x)):
             return None
         args = self._fused.get(self, norm, lambda: self.fused_args(norm, rotary.interleave))
