@@ -424,6 +424,14 @@ def test_a_team_pass_equals_a_pass_on_per_product_regions():
         busy.wait()
 
 
+def mtp_decode_rows(monkeypatch) -> list:
+    """The positions of each moedesk::mtp_decode call from now on, appended as they run."""
+    calls = []
+    real = torch.ops.moedesk.mtp_decode
+    monkeypatch.setattr(torch.ops.moedesk, "mtp_decode", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    return calls
+
+
 def test_an_mtp_catch_up_of_17_to_64_positions_runs_in_16_row_calls_and_equals_the_modules(monkeypatch):
     """mtp_draft over more positions than one kernel call takes (a catch-up after plain steps) goes to the
     fused kernel in 16-row pieces, one after another (each piece's cache rows written before the next
@@ -433,9 +441,7 @@ def test_an_mtp_catch_up_of_17_to_64_positions_runs_in_16_row_calls_and_equals_t
 
     model = small_model("fp32", 31, n_mtp=1, first_k_dense_replace=1, n_shared_experts=1)
     g = torch.Generator().manual_seed(32)
-    calls = []
-    real = torch.ops.moedesk.mtp_decode
-    monkeypatch.setattr(torch.ops.moedesk, "mtp_decode", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    calls = mtp_decode_rows(monkeypatch)
     with torch.inference_mode():
         for T in (40, 64, 65):
             hidden = torch.randn(1, T + 1, model.cfg.hidden_size, generator=g)
@@ -462,9 +468,7 @@ def test_an_mtp_pass_from_position_0_runs_fused_and_equals_the_modules(monkeypat
     the expanded form). The main model's prefill from 0 stays on the PyTorch layers."""
     model = small_model("fp32", 17, n_mtp=1, first_k_dense_replace=1, n_shared_experts=1)
     g = torch.Generator().manual_seed(18)
-    calls = []
-    real = torch.ops.moedesk.mtp_decode
-    monkeypatch.setattr(torch.ops.moedesk, "mtp_decode", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    calls = mtp_decode_rows(monkeypatch)
     with torch.inference_mode():
         for T in (5, 16, 40):
             hidden = torch.randn(1, T, model.cfg.hidden_size, generator=g)
