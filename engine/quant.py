@@ -215,30 +215,24 @@ class QuantExperts(Experts):
 
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows grouped by expert → each group through its quantized SwiGLU (the CPU path). int8 and int4 go
-        through moedesk's kernel (kernel_product): each expert read once per 16 of its rows."""
+        through moedesk's kernel (kernel_product): each expert read once per 16 of its rows; without it,
+        torch's kernels on a packing made once (cpu_pack)."""
         gate_up, down = self.kernel_weights()
         if (self.spec.fmt in ("int8", "int4") and kernel_ready(xs) and gate_up.shape[-1] == xs.shape[-1]
                 and down.shape[-1] == self.inter):
-            out = torch.empty(xs.shape[0], down.shape[-2], dtype=xs.dtype, device=xs.device)
-            start = 0
-            for e, n in enumerate(counts.tolist()):  # one host read per layer, as in Experts
-                if n:
-                    gate, up = kernel_product(gate_up.expert(e), xs[start:start + n]).split(self.inter, dim=-1)
-                    out[start:start + n] = kernel_product(down.expert(e), F.silu(gate) * up)
-                    start += n
-            return out
-        if self._cpu is None:
-            self._cpu = [(cpu_pack(gate_up.expert(e)), cpu_pack(down.expert(e))) for e in range(self.n_experts)]
-        out = torch.empty(xs.shape[0], self.stacked("down").shape[-2], dtype=xs.dtype, device=xs.device)
+            project = lambda e, i, rows: kernel_product((gate_up, down)[i].expert(e), rows)  # noqa: E731
+        else:
+            if self._cpu is None:
+                self._cpu = [(cpu_pack(gate_up.expert(e)), cpu_pack(down.expert(e))) for e in range(self.n_experts)]
+            project = lambda e, i, rows: cpu_product(self._cpu[e][i], rows)  # noqa: E731
+        out = torch.empty(xs.shape[0], down.shape[-2], dtype=xs.dtype, device=xs.device)
         start = 0
         for e, n in enumerate(counts.tolist()):  # one host read per layer, as in Experts
             if n:
-                gate_up, down = self._cpu[e]
-                gate, up = cpu_product(gate_up, xs[start:start + n]).split(self.inter, dim=-1)
-                out[start:start + n] = cpu_product(down, F.silu(gate) * up)
+                gate, up = project(e, 0, xs[start:start + n]).split(self.inter, dim=-1)
+                out[start:start + n] = project(e, 1, F.silu(gate) * up)
                 start += n
         return out
-
 
 
 class QuantEmbedding(torch.nn.Module):
