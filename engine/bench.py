@@ -10,6 +10,7 @@ export are compared on identical work, and their greedy outputs can be compared 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -175,6 +176,7 @@ def run_bench(models, prompts: list[dict], configs: list[BenchConfig], max_token
     result = summarize(runs, configs, encoded)
     result["read_bandwidth_bytes_per_s"] = statistics.median(bandwidth)
     result["read_bandwidth_per_round"] = bandwidth
+    result["huge_page_bytes"] = huge_page_bytes()
     result["variants"] = {name: runner.describe() for name, runner in runners.items()}
     for name, v in result["variants"].items():  # what each variant's plain decoding reads per second
         off = result["configs"].get(f"{name} off" if name else "off")
@@ -184,6 +186,19 @@ def run_bench(models, prompts: list[dict], configs: list[BenchConfig], max_token
     if len(runners) > 1:
         result["engines"] = compare_variants(result, configs)
     return result
+
+
+def huge_page_bytes() -> int | None:
+    """This process's memory on transparent huge pages (engine/__init__.py asks torch for them), or None
+    where the OS does not say: the native weights' share of it is what their reads gain."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def read_bandwidth(mib: int = 512, repeat: int = 5) -> float:
@@ -330,6 +345,9 @@ def format_table(result: dict) -> str:
     if result.get("read_bandwidth_bytes_per_s"):
         lines.append(f"read bandwidth: {result['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
                      f"(a 512 MiB fp32 sum, torch's threads, median of one measurement per round)")
+    if result.get("huge_page_bytes") is not None:
+        lines.append(f"on 2 MiB pages: {result['huge_page_bytes'] / 2**20:.0f} MiB of this process "
+                     f"(THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')})")
     for name, e in result.get("engines", {}).items():
         ratio = e["best_vs_first_best"]
         lines.append(f"{name:<10} best: {e['best']} {e['best_tokens_per_s']:.1f} tok/s "

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,3 +276,29 @@ def test_a_bf16_checkpoint_loaded_in_fp32_is_known_to_hold_bf16_values_without_a
     scans.clear()
     w = next(p for p in fp32.parameters() if p.dim() >= 2)
     assert not linear.bf16_valued(w) and scans
+
+
+HUGE_PAGE_CHECK = """
+import engine, re, torch
+t = torch.empty(8 << 20, dtype=torch.uint8)
+p = t.data_ptr()
+for block in re.split(r"\\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").read()):
+    lo, hi = (int(v, 16) for v in block.split()[0].split("-"))
+    if lo <= p < hi:
+        print(" ".join(re.search(r"VmFlags:(.*)", block).group(1).split()))
+"""
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages")
+def test_the_engine_asks_for_huge_pages_for_weight_sized_tensors():
+    """engine/__init__.py sets THP_MEM_ALLOC_ENABLE before torch loads: torch then advises huge pages
+    (madvise MADV_HUGEPAGE, the mapping's "hg" flag) for tensors of 2 MiB and more. THP_MEM_ALLOC_ENABLE=0
+    from the user keeps 4 KiB pages."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    flags = subprocess.run([sys.executable, "-c", HUGE_PAGE_CHECK], capture_output=True, text=True, env=env,
+                           check=True).stdout.split()
+    assert "hg" in flags
+    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    flags = subprocess.run([sys.executable, "-c", HUGE_PAGE_CHECK], capture_output=True, text=True, env=env,
+                           check=True).stdout.split()
+    assert flags and "hg" not in flags
