@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu, use_triton
-from kernels.formats import INT4_GROUPS, QWeight, dequantize, quantize_fp8, quantize_int4, quantize_int8
+from kernels.formats import (INT4_GROUPS, QWeight, dequantize, int4_blocks, int4_rows, quantize_fp8, quantize_int4,
+                             quantize_int8)
 from engine.model.linear import by_kernel_rows, decode_shaped, kernel_ready, read_bytes
 from engine.model.moe import Experts
 
@@ -79,10 +80,16 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("scale", qw.scale)
         self.register_buffer("zero", qw.zero)
         self._cpu: tuple | None = None  # the CPU kernel's own packing, made on first use
+        self.layout = "rows"  # int4: "blocks16" where moedesk's CPU kernel reads it (use_kernel_layout)
+        int4_layout_hooks(self, ("qweight",))
 
     @property
     def qw(self) -> QWeight:
-        return QWeight(self.spec.fmt, self.qweight, self.scale, self.zero, self.spec.group, self.spec.block)
+        return QWeight(self.spec.fmt, self.qweight, self.scale, self.zero, self.spec.group, self.spec.block,
+                       self.layout)
+
+    def use_layout(self, layout: str) -> None:
+        reorder_int4(self, ("qweight",), layout)
 
     def set_weight(self, w: torch.Tensor) -> None:
         """Quantize a full-precision [N, K] weight into this module's buffers."""
@@ -90,6 +97,7 @@ class QuantLinear(torch.nn.Module):
         self.set_qweight(q)
 
     def set_qweight(self, q: QWeight) -> None:
+        self.use_layout("rows")
         for name in ("qweight", "scale", "zero"):
             src = getattr(q, name)
             if src is not None:
@@ -115,7 +123,7 @@ def kernel_product(qw: QWeight, x: torch.Tensor) -> torch.Tensor:
     int4 weight, made at the first prompt, doubled an int4 model's memory and delayed that prompt's first
     token by the packing (V2-Lite-shaped, 4 layers: +400 MiB and 1.1 s); int8 prefill took torch's int8
     kernel, slower than this one (docs/quantization.md)."""
-    fmt = cpu.FORMATS[qw.fmt]
+    fmt = cpu.quant_format(qw.fmt, qw.layout)
     zero = cpu.empty() if qw.zero is None else qw.zero
     return by_kernel_rows(lambda rows: torch.ops.moedesk.linear(rows, qw.qweight, qw.scale, zero, fmt, qw.group),
                           x).to(x.dtype)
@@ -138,6 +146,7 @@ def cpu_product(packed_weight: tuple, x: torch.Tensor) -> torch.Tensor:
 def cpu_pack(qw: QWeight) -> tuple:
     """The layouts torch's CPU kernels read: int8 as is with bf16 scales; int4 re-packed with
     scales and zeros folded into w = (q − 8)·s + z; otherwise a dequantized bf16 copy."""
+    qw = qw.rows()
     N, K = qw.shape
     if qw.fmt == "int8":
         return "int8", qw.qweight, qw.scale.to(torch.bfloat16)
@@ -168,10 +177,15 @@ class QuantExperts(Experts):
             self.register_buffer(f"{name}_scale", qw.scale)
             self.register_buffer(f"{name}_zero", qw.zero)
         self._cpu: list | None = None
+        self.layout = "rows"  # int4: "blocks16" where moedesk's CPU kernel reads it (use_kernel_layout)
+        int4_layout_hooks(self, ("gate_up_qweight", "down_qweight"))
 
     def stacked(self, name: str) -> QWeight:
         return QWeight(self.spec.fmt, getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale"),
-                       getattr(self, f"{name}_zero"), self.spec.group, self.spec.block)
+                       getattr(self, f"{name}_zero"), self.spec.group, self.spec.block, self.layout)
+
+    def use_layout(self, layout: str) -> None:
+        reorder_int4(self, ("gate_up_qweight", "down_qweight"), layout)
 
     @property
     def n_experts(self) -> int:
@@ -193,6 +207,7 @@ class QuantExperts(Experts):
 
     def set_expert_part(self, name: str, e: int, rows: slice, part: str, t: torch.Tensor) -> None:
         """rows: the expert's weight rows that `t` covers (gate or up half of gate_up, or all)."""
+        self.use_layout("rows")
         if self.spec.fmt == "fp8" and part == "scale" and rows.stop is not None:
             bn = self.spec.block[0]  # one scale per block of rows (stored_specs checks they align)
             rows = slice(rows.start // bn, rows.stop // bn)
@@ -210,7 +225,8 @@ class QuantExperts(Experts):
             gu, dn, e = self.stacked("gate_up"), self.stacked("down"), cpu.empty()
             zero = lambda q: e if q.zero is None else q.zero  # noqa: E731
             return torch.ops.moedesk.moe(x, ids, weights, gu.qweight, gu.scale, zero(gu), dn.qweight, dn.scale,
-                                         zero(dn), cpu.FORMATS[self.spec.fmt], self.spec.group).to(x.dtype)
+                                         zero(dn), cpu.quant_format(self.spec.fmt, self.layout),
+                                         self.spec.group).to(x.dtype)
         return self.forward_grouped(x, weights, ids)
 
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -233,6 +249,46 @@ class QuantExperts(Experts):
                 out[start:start + n] = project(e, 1, F.silu(gate) * up)
                 start += n
         return out
+
+
+def reorder_int4(module: torch.nn.Module, names: tuple[str, ...], layout: str) -> None:
+    """A quantized module's int4 buffers `names` into `layout` ("rows" or "blocks16"), in place."""
+    if layout != module.layout:
+        convert = int4_blocks if layout == "blocks16" else int4_rows
+        for name in names:
+            getattr(module, name).copy_(convert(getattr(module, name)))
+        module.layout = layout
+        module._cpu = None
+
+
+def int4_layout_hooks(module: torch.nn.Module, names: tuple[str, ...]) -> None:
+    """state_dict() gives the int4 buffers in row order whatever their layout in memory (checkpoints, the
+    GGUF export and comparisons read it), and load_state_dict() puts the module back in row order first."""
+    def rows_out(m, state, prefix, _meta):
+        if m.layout != "rows":
+            for name in names:
+                state[prefix + name] = int4_rows(state[prefix + name])
+
+    module.register_state_dict_post_hook(rows_out)
+    module.register_load_state_dict_pre_hook(lambda m, *_: m.use_layout("rows"))
+
+
+def use_kernel_layout(model: torch.nn.Module) -> int:
+    """int4 weights on the CPU into layout "blocks16" wherever moedesk's kernel reads it (AVX-512 VNNI, rows
+    a multiple of 16, columns and group of 64): each block of 16 rows streams from memory in order, where
+    row order has the kernel read 16 rows 32 bytes at a time and transpose them (docs/cpu_decode.md).
+    Returns how many modules moved. Everything else reads the weights through QWeight.rows() or
+    state_dict(), which give row order."""
+    moved = 0
+    for m in model.modules():
+        if not isinstance(m, QuantLinear | QuantExperts) or m.spec.fmt != "int4" or m.layout != "rows":
+            continue
+        shapes = [w.shape[-2:] for w in m.kernel_weights()] if isinstance(m, QuantExperts) else [m.qw.shape]
+        q = m.qweight if isinstance(m, QuantLinear) else m.gate_up_qweight
+        if q.device.type == "cpu" and all(cpu.int4_blocks_ok(N, K, m.spec.group) for N, K in shapes):
+            m.use_layout("blocks16")
+            moved += 1
+    return moved
 
 
 class QuantEmbedding(torch.nn.Module):
@@ -309,6 +365,7 @@ def quantize_model(model: torch.nn.Module, spec: QuantSpec) -> torch.nn.Module:
         else:
             new.set_weight(old.weight)
     model.quant_spec = spec
+    use_kernel_layout(model)
     return model
 
 

@@ -8,12 +8,15 @@ A weight is a matrix [N, K] (output rows × input columns, as nn.Linear stores i
   column 2j in the low nibble and 2j+1 in the high one (the byte order of compressed-tensors' int32
   packing on a little-endian host), scale fp32 [..., N, G] and zero uint8 [..., N, G] with
   G = ceil(K / group); w = (q − zero) · scale. The last group may be short when group ∤ K.
+  On the CPU, where moedesk's kernel reads it by vpdpbusd, qweight may be in layout "blocks16" instead
+  (int4_blocks: the same bytes and shape, each block of 16 rows reordered); `QWeight.rows()` gives the
+  row order that everything else reads.
 - "fp8": DeepSeek's block-scaled e4m3. qweight float8_e4m3fn [..., N, K], scale fp32
   [..., ceil(N/bn), ceil(K/bk)]; w = q · scale of its (bn × bk) block.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +32,7 @@ class QWeight:
     zero: torch.Tensor | None = None
     group: int = 0  # int4: columns per scale
     block: tuple[int, int] = (128, 128)  # fp8: (rows, columns) per scale
+    layout: str = "rows"  # int4: "rows", or "blocks16" (int4_blocks: moedesk's CPU kernel's order)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -42,7 +46,11 @@ class QWeight:
     def expert(self, e: int) -> "QWeight":
         """One matrix of a stacked [E, N, K] weight."""
         return QWeight(self.fmt, self.qweight[e], self.scale[e], None if self.zero is None else self.zero[e],
-                       self.group, self.block)
+                       self.group, self.block, self.layout)
+
+    def rows(self) -> "QWeight":
+        """This weight with qweight in row order (a reordered copy where it is in blocks of 16 rows)."""
+        return self if self.layout == "rows" else replace(self, qweight=int4_rows(self.qweight), layout="rows")
 
 
 def quantize_int8(w: torch.Tensor) -> QWeight:
@@ -97,8 +105,28 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).flatten(-2)
 
 
+def int4_blocks(q: torch.Tensor) -> torch.Tensor:
+    """int4 bytes [..., N, K/2] in row order (N a multiple of 16, K of 64) → layout "blocks16", same shape:
+    per block of 16 rows and 64 columns, 512 contiguous bytes holding 8 vectors of 16 words, vector j's
+    word r = row r's bytes 4j..4j+3 of those columns: the registers moedesk's vpdpbusd kernel multiplies,
+    so it streams each block in order and transposes nothing (kernels/cpu/moedesk_cpu.cpp, dpbusd_block)."""
+    *lead, N, half = q.shape
+    L = len(lead)
+    blocks = q.reshape(*lead, N // 16, 16, half // 32, 8, 4)  # [.., block, row, column block, word, byte]
+    return blocks.permute(*range(L), L, L + 2, L + 3, L + 1, L + 4).contiguous().view(q.shape)
+
+
+def int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """The inverse of int4_blocks: layout "blocks16" → row order."""
+    *lead, N, half = q.shape
+    L = len(lead)
+    blocks = q.reshape(*lead, N // 16, half // 32, 8, 16, 4)  # [.., block, column block, word, row, byte]
+    return blocks.permute(*range(L), L, L + 3, L + 1, L + 2, L + 4).contiguous().view(q.shape)
+
+
 def dequantize(w: QWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The reference meaning of every format: the full-precision matrix [..., N, K]."""
+    w = w.rows()
     if w.fmt == "int8":
         out = w.qweight.float() * w.scale.float()[..., None]
     elif w.fmt == "int4":

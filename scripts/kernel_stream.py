@@ -1,5 +1,6 @@
 """moedesk's CPU products streaming from memory, GB/s: V2-Lite expert shapes (gate_up 2816 × 2048,
 down 2048 × 1408), enough distinct matrices to leave the cache, for 1, 4 and 8 activation rows, beside the
+(formats: bf16, int8, int4 in row order, int4_blocks),
 machine's read bandwidth (a 512 MiB fp32 sum), in one process. The figures behind docs/cpu_decode.md's
 "Reading at the memory's speed". Usage: .venv/bin/python scripts/kernel_stream.py [--formats bf16,int8,int4]"""
 from __future__ import annotations
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.bench import read_bandwidth  # noqa: E402
 from kernels import cpu  # noqa: E402
-from kernels.formats import quantize_int4, quantize_int8  # noqa: E402
+from kernels.formats import int4_blocks, quantize_int4, quantize_int8  # noqa: E402
 
 SHAPES = [(2816, 2048), (2048, 1408)]
 
@@ -32,6 +33,8 @@ def weight(fmt: str, N: int, K: int, seed: int) -> tuple:
         q = quantize_int8(w)
         return q.qweight, q.scale, e, 2, 0
     q = quantize_int4(w, 64)
+    if fmt == "int4_blocks":  # the layout the engine keeps int4 in on AVX-512 VNNI (kernels/formats.py)
+        return int4_blocks(q.qweight), q.scale, q.zero, 6, 64
     return q.qweight, q.scale, q.zero, 3, 64
 
 
@@ -41,7 +44,7 @@ def nbytes(args: tuple) -> int:
 
 def stream_rate(mats: list[tuple], rows: int, repeat: int = 7) -> float:
     """Bytes/s of one product per matrix, every matrix in turn, median of `repeat` sweeps."""
-    x = torch.randn(rows, mats[0][0].shape[1] * (2 if mats[0][3] == 3 else 1))
+    x = torch.randn(rows, mats[0][0].shape[1] * (2 if mats[0][3] in (3, 6) else 1))
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()

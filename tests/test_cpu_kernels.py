@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import cpu
-from kernels.formats import dequantize, quantize_int4, quantize_int8
+from kernels.formats import dequantize, int4_blocks, int4_rows, quantize_int4, quantize_int8
 from kernels.reference import fused_moe_ref
 
 
@@ -201,6 +201,38 @@ def test_moe_reads_each_chosen_expert_once_and_matches_the_reference(fmt):
         y = torch.ops.moedesk.moe(x, ids, w, *args[:6], args[6], args[7])
         ref = fused_moe_ref(x, w, ids, gate_up, down)
         assert ((y - ref).norm() / ref.norm()) < 2 * TOL[fmt], (fmt, M)
+
+
+def test_int4_in_blocks_of_16_rows_gives_the_bits_of_row_order(isa):
+    """Layout "blocks16" (format int4_blocks) stores each block of 16 rows in the order dpbusd_block
+    multiplies it: the same products, bit for bit, for 1 to 16 tokens, in linear and moe; where the kernel
+    cannot read it (no AVX-512 VNNI, rows not a multiple of 16) the op refuses it by name."""
+    (q, s, z, _, group), _ = weights("int4", 96, 1408, group=64)
+    blocked = int4_blocks(q)
+    assert torch.equal(int4_rows(blocked), q) and not torch.equal(blocked, q)
+    x = torch.randn(16, 1408, generator=torch.Generator().manual_seed(5))
+    if not cpu.int4_blocks_ok(96, 1408, 64):
+        assert isa != "avx512" or not cpu_flags_have("avx512_vnni")
+        with pytest.raises(RuntimeError, match="blocks of 16 rows"):
+            torch.ops.moedesk.linear(x[:1], blocked, s, z, 6, 64)
+        return
+    assert not cpu.int4_blocks_ok(40, 1408, 64) and not cpu.int4_blocks_ok(96, 1408, 32)
+    for M in (1, 3, 8, 16):
+        assert torch.equal(torch.ops.moedesk.linear(x[:M], blocked, s, z, 6, 64),
+                           torch.ops.moedesk.linear(x[:M], q, s, z, 3, 64)), M
+    E, H, I = 4, 128, 64
+    gu = [weights("int4", 2 * I, H, seed=e)[0] for e in range(E)]
+    dn = [weights("int4", H, I, seed=10 + e)[0] for e in range(E)]
+    parts = [torch.stack([p[i] for p in ws]) for ws in (gu, dn) for i in range(3)]
+    xs = torch.randn(5, H, generator=torch.Generator().manual_seed(6))
+    ids, w = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2]]), torch.rand(5, 2)
+    rows = torch.ops.moedesk.moe(xs, ids, w, *parts, 3, 64)
+    parts[0], parts[3] = int4_blocks(parts[0]), int4_blocks(parts[3])
+    assert torch.equal(torch.ops.moedesk.moe(xs, ids, w, *parts, 6, 64), rows)
+
+
+def cpu_flags_have(flag: str) -> bool:
+    return flag in cpu.cpu_flags().split()
 
 
 def test_bad_arguments_are_errors_not_crashes():

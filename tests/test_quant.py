@@ -95,6 +95,39 @@ def test_quantized_prefill_runs_the_kernel_on_the_stored_weight(fmt, K, group):
     assert ((one[0] - want[0]).norm() / want[0].norm()).item() < 0.02
 
 
+def test_int4_kept_in_the_kernels_layout_decodes_and_saves_as_row_order(tmp_path):
+    """Where moedesk's kernel reads it (AVX-512 VNNI), loading keeps int4 weights in layout "blocks16": the
+    logits of a prompt, greedy decoding with MTP speculation and the saved checkpoint are those of the
+    same model in row order, and state_dict() and dequantize see row order."""
+    d = write_tiny_model(tmp_path / "m", with_tokenizer=False, moe_intermediate_size=64, num_nextn_predict_layers=1)
+    spec = QuantSpec("int4", 64)
+    model = load_model(d, device="cpu", quant=spec)
+    blocked = [m for m in model.modules() if getattr(m, "layout", "rows") == "blocks16"]
+    if not cpu.int4_blocks_ok(64, 64, 64):
+        assert not blocked
+        pytest.skip("the CPU kernels do not read int4 in blocks of 16 rows here (no AVX-512 VNNI)")
+    assert {QuantExperts, QuantLinear} <= {type(m) for m in blocked}
+    rows = load_model(d, device="cpu", quant=spec)
+    for m in rows.modules():
+        if hasattr(m, "use_layout"):
+            m.use_layout("rows")
+    a, b = model.state_dict(), rows.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ex = next(m for m in blocked if isinstance(m, QuantExperts))
+    assert torch.equal(dequantize(ex.stacked("down")), dequantize(rows.get_submodule(
+        next(n for n, m in model.named_modules() if m is ex)).stacked("down")))
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(model.logits(model(ids)), rows.logits(rows(ids)))
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    for spec_cfg in (None, SpeculativeConfig(k=2)):
+        got = generate(model, ids[0, :12].tolist(), params, speculative=spec_cfg)
+        assert got.token_ids == generate(rows, ids[0, :12].tolist(), params, speculative=spec_cfg).token_ids
+    save_model(model, tmp_path / "saved")
+    reloaded = load_model(tmp_path / "saved", device="cpu")
+    assert all(torch.equal(reloaded.state_dict()[k], b[k]) for k in b)
+
+
 @pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32), QuantSpec("int4", 64, embed_head=True)])
 def test_quantize_on_load_equals_quantizing_the_loaded_model(tiny, spec):
     dense = quantize_model(load_model(tiny, device="cpu"), spec)

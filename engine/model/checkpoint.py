@@ -21,7 +21,8 @@ from engine.model.config import ModelConfig, load_config
 from engine.model.errors import ModelLoadError
 from engine.model.transformer import Transformer
 from engine.quant import (STORED_PARTS, QuantEmbedding, QuantExperts, QuantLinear, QuantSpec, from_stored, to_stored,
-                          logical_weights, plan_quantization, quantization_config, split_stored_name, stored_shape, swap_modules)
+                          logical_weights, plan_quantization, quantization_config, split_stored_name, stored_shape, swap_modules,
+                          use_kernel_layout)
 from engine.routing import Router
 from engine.model.linear import Linear, mark_bf16_valued
 
@@ -337,6 +338,7 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype=None,
             raise ModelLoadError(str(model_dir), "lm_head.weight", "missing and tie_word_embeddings is false")
         model.head.weight = model.embed.weight
     _share_mtp_copies(model)
+    use_kernel_layout(model)
     model.reset_rotary()
     return model.eval().requires_grad_(False)
 

@@ -121,7 +121,7 @@ def cpu_weight(module: torch.nn.Module) -> tuple | None:
         if spec.fmt == "int8":
             return (module.qweight, module.scale, e), cpu.FORMATS["int8"], 0
         if module.qweight.shape[-1] * 2 == module.in_features:
-            return (module.qweight, module.scale, module.zero), cpu.FORMATS["int4"], spec.group
+            return (module.qweight, module.scale, module.zero), cpu.quant_format("int4", module.layout), spec.group
     return None
 
 

@@ -169,7 +169,7 @@ class MoE(torch.nn.Module):
             gu, dn = ex.stacked("gate_up"), ex.stacked("down")
             experts = [gu.qweight, gu.scale, e if gu.zero is None else gu.zero,
                        dn.qweight, dn.scale, e if dn.zero is None else dn.zero]
-            fmt, group = cpu.FORMATS[ex.spec.fmt], ex.spec.group if ex.spec.fmt == "int4" else 0
+            fmt, group = cpu.quant_format(ex.spec.fmt, ex.layout), ex.spec.group if ex.spec.fmt == "int4" else 0
         elif ex.gate_up.dtype in CPU_FORMATS:
             (gu, fmt), (dn, dn_fmt) = kernel_dense(ex.gate_up), kernel_dense(ex.down)
             if dn_fmt != fmt:  # the kernel takes one format for both: unblocked copies, or as stored

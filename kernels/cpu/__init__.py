@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("moedesk_cpu.cpp")
-FORMATS = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3, "bf16_exact": 4, "bf16_blocks": 5}
+FORMATS = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3, "bf16_exact": 4, "bf16_blocks": 5, "int4_blocks": 6}
 AVX512 = 2  # moedesk::set_isa's level for AVX-512
 MAX_ROWS = 16  # what the kernels take (decode and verification); more rows go to the PyTorch products
 log = logging.getLogger(__name__)
@@ -107,6 +107,16 @@ def register_fakes() -> None:
     @torch.library.register_fake("moedesk::moe")
     def _(x, ids, weights, gu_q, gu_s, gu_z, dn_q, dn_s, dn_z, fmt, group):
         return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def quant_format(fmt: str, layout: str = "rows") -> int:
+    """The kernels' format code of a quantized weight (int8, int4) in its layout (kernels/formats.py)."""
+    return FORMATS["int4_blocks"] if layout == "blocks16" else FORMATS[fmt]
+
+
+def int4_blocks_ok(N: int, K: int, group: int) -> bool:
+    """Whether the built kernels read an int4 weight [N, K] in layout "blocks16" on this CPU now."""
+    return available() and torch.ops.moedesk.int4_blocks_ok(N, K, group)
 
 
 def empty() -> torch.Tensor:

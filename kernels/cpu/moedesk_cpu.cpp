@@ -342,7 +342,7 @@ inline __m256 load8_f32(const void* p, bool bf16) {
 }
 #endif
 
-enum Fmt : int64_t { F32 = 0, BF16 = 1, I8 = 2, I4 = 3, BF16_EXACT = 4, BF16_BLOCKS = 5 };
+enum Fmt : int64_t { F32 = 0, BF16 = 1, I8 = 2, I4 = 3, BF16_EXACT = 4, BF16_BLOCKS = 5, I4_BLOCKS = 6 };
 constexpr int64_t CHUNK = 512;                   // columns widened at a time (a multiple of every int4 group)
 constexpr int64_t PARALLEL_BYTES = 32 * 1024;  // smaller weights: one thread (a region costs a few µs; 256 KB
                                                 // left the bundled model's products on one core: 10-28% slower)
@@ -357,6 +357,7 @@ struct Weight {
   int64_t count = 1;            // matrices in a stacked weight [count, N, K] (experts)
   bool exact = false;           // bf16 weights with fp32 activations (format BF16_EXACT): fp32 FMAs
   bool blocked = false;         // exact, rows in blocks of 16 (format BF16_BLOCKS, blocked_rows)
+  bool interleaved = false;     // int4 in dpbusd_block's order (format I4_BLOCKS; only dpbusd_rows reads it)
 
   // Whether the activations stay fp32 (no bf16 or int16 copy is made for this weight).
   bool fp32_activations() const { return fmt == F32 || exact; }
@@ -729,7 +730,9 @@ struct Weight {
   }
 
   // Rows n .. n + rows − 1 (rows ≤ 16; the lanes past them repeat the last row and are not stored).
-  // A whole block walks its rows by the row stride (16 row pointers do not fit the registers).
+  // A whole block walks its rows by the row stride (16 row pointers do not fit the registers). Format
+  // I4_BLOCKS stores each block's 16 rows as the 8 vectors the transpose below makes, 512 contiguous bytes
+  // per 64 columns: one sequential stream instead of 16 rows 32 bytes at a time, and no transpose.
   template <int MB>
   void dpbusd_block(const int8_t* x, int64_t n, int64_t rows, float* y, int64_t ldy, int64_t m0, bool pf) const {
     const int64_t G = groups(), B = K / 64, rb = row_bytes();
@@ -771,40 +774,44 @@ struct Weight {
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < B; ++b) {
       __m512i z[8], t[8], u[8], v[8];
-      if (full) {
-        if (pf) {  // the next block's 16 rows, one contiguous region, in order: 8 lines a step
-          const uint8_t* p = base + 16 * rb + b * 512;
-          for (int i = 0; i < 8; ++i) prefetch_l2(p + 64 * i);
-          // and its scales and zero points (G and G / 4 lines), which the next block's transposed tiles
-          // would otherwise wait for: a memory latency each, ~10% of a one-token product
-          if (b < G) prefetch_l2(reinterpret_cast<const uint8_t*>(scale + (n + 16) * G) + 64 * b);
-          if (4 * b < G) prefetch_l2(zero + (n + 16) * G + 64 * b);
-        }
-        const uint8_t* p = base + b * 32;
-        __m256i low[8];
-        for (int i = 0; i < 8; ++i, p += rb) low[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        for (int i = 0; i < 8; ++i, p += rb)
-          z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(low[i]), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 1);
+      if (full && pf) {  // the next block's 16 rows, one contiguous region, in order: 8 lines a step
+        const uint8_t* p = base + 16 * rb + b * 512;
+        for (int i = 0; i < 8; ++i) prefetch_l2(p + 64 * i);
+        // and its scales and zero points (G and G / 4 lines), which the next block's transposed tiles
+        // would otherwise wait for: a memory latency each, ~10% of a one-token product
+        if (b < G) prefetch_l2(reinterpret_cast<const uint8_t*>(scale + (n + 16) * G) + 64 * b);
+        if (4 * b < G) prefetch_l2(zero + (n + 16) * G + 64 * b);
+      }
+      if (interleaved) {  // N is a multiple of 16 here (weight_of): every block is full
+        for (int i = 0; i < 8; ++i) v[i] = _mm512_loadu_si512(base + b * 512 + 64 * i);
       } else {
-        for (int i = 0; i < 8; ++i)
-          z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row(i) + b * 32))),
-                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row(i + 8) + b * 32)), 1);
-      }
-      // z[i]: row i's 8 words in the low half, row i + 8's in the high half. An 8 × 8 transpose of
-      // 32-bit words in each half, then the halves' 128-bit quarters paired up: v[j] lane r = row r's word j.
-      for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(z[i], z[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(z[i], z[i + 1]);
-      }
-      for (int h = 0; h < 8; h += 4) {
-        u[h] = _mm512_unpacklo_epi64(t[h], t[h + 2]);
-        u[h + 1] = _mm512_unpackhi_epi64(t[h], t[h + 2]);
-        u[h + 2] = _mm512_unpacklo_epi64(t[h + 1], t[h + 3]);
-        u[h + 3] = _mm512_unpackhi_epi64(t[h + 1], t[h + 3]);
-      }
-      for (int c = 0; c < 4; ++c) {
-        v[c] = _mm512_permutex2var_epi64(u[c], lo_words, u[c + 4]);
-        v[c + 4] = _mm512_permutex2var_epi64(u[c], hi_words, u[c + 4]);
+        if (full) {
+          const uint8_t* p = base + b * 32;
+          __m256i low[8];
+          for (int i = 0; i < 8; ++i, p += rb) low[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+          for (int i = 0; i < 8; ++i, p += rb)
+            z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(low[i]), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 1);
+        } else {
+          for (int i = 0; i < 8; ++i)
+            z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row(i) + b * 32))),
+                                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row(i + 8) + b * 32)), 1);
+        }
+        // z[i]: row i's 8 words in the low half, row i + 8's in the high half. An 8 × 8 transpose of
+        // 32-bit words in each half, then the halves' 128-bit quarters paired up: v[j] lane r = row r's word j.
+        for (int i = 0; i < 8; i += 2) {
+          t[i] = _mm512_unpacklo_epi32(z[i], z[i + 1]);
+          t[i + 1] = _mm512_unpackhi_epi32(z[i], z[i + 1]);
+        }
+        for (int h = 0; h < 8; h += 4) {
+          u[h] = _mm512_unpacklo_epi64(t[h], t[h + 2]);
+          u[h + 1] = _mm512_unpackhi_epi64(t[h], t[h + 2]);
+          u[h + 2] = _mm512_unpacklo_epi64(t[h + 1], t[h + 3]);
+          u[h + 3] = _mm512_unpackhi_epi64(t[h + 1], t[h + 3]);
+        }
+        for (int c = 0; c < 4; ++c) {
+          v[c] = _mm512_permutex2var_epi64(u[c], lo_words, u[c + 4]);
+          v[c + 4] = _mm512_permutex2var_epi64(u[c], hi_words, u[c + 4]);
+        }
       }
       const __m512 sv = _mm512_loadu_ps(st + 16 * (b >> gs));
       __m512i part[MB];
@@ -1152,10 +1159,23 @@ struct Weight {
   }
 };
 
+// Whether an int4 weight [N, K / 2] can be read as I4_BLOCKS now: by dpbusd_rows, in whole blocks of 16 rows.
+bool int4_blocks_ok(int64_t N, int64_t K, int64_t group) {
+#ifdef __AVX512VNNI__
+  return isa() == AVX512 && N % 16 == 0 && K % 64 == 0 && group % 64 == 0;
+#else
+  return false;
+#endif
+}
+
 Weight weight_of(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero, int64_t fmt, int64_t group,
                  int64_t N, int64_t K) {
   TORCH_CHECK(q.is_contiguous() && q.device().is_cpu(), "moedesk: weights must be contiguous CPU tensors");
-  TORCH_CHECK(fmt >= F32 && fmt <= BF16_BLOCKS, "moedesk: unknown weight format ", fmt);
+  TORCH_CHECK(fmt >= F32 && fmt <= I4_BLOCKS, "moedesk: unknown weight format ", fmt);
+  const bool interleaved = fmt == I4_BLOCKS;
+  TORCH_CHECK(!interleaved || int4_blocks_ok(N, K, group),
+              "moedesk: int4 in blocks of 16 rows needs AVX-512 VNNI, N a multiple of 16, K and the group of 64");
+  if (interleaved) fmt = I4;
   const bool blocked = fmt == BF16_BLOCKS, exact = fmt == BF16_EXACT || blocked;
   TORCH_CHECK(!blocked || (N % 16 == 0 && K % 2 == 0),
               "moedesk: a weight in blocks of 16 rows needs N a multiple of 16 and K even");
@@ -1163,6 +1183,7 @@ Weight weight_of(const at::Tensor& q, const at::Tensor& scale, const at::Tensor&
   Weight w{fmt, N, K, group, static_cast<const uint8_t*>(q.data_ptr()), nullptr, nullptr};
   w.exact = exact;
   w.blocked = blocked;
+  w.interleaved = interleaved;
   w.count = q.dim() == 3 ? q.size(0) : 1;
   if (fmt == F32) TORCH_CHECK(q.scalar_type() == at::kFloat, "moedesk: fp32 weight expected");
   if (fmt == BF16) TORCH_CHECK(q.scalar_type() == at::kBFloat16, "moedesk: bf16 weight expected");
@@ -1482,7 +1503,7 @@ std::vector<uint16_t> activations(const float* x, int64_t M, int64_t K, Weight& 
   return out;
 }
 
-int64_t in_features(const at::Tensor& q, int64_t fmt) { return q.size(-1) * (fmt == I4 ? 2 : 1); }
+int64_t in_features(const at::Tensor& q, int64_t fmt) { return q.size(-1) * (fmt == I4 || fmt == I4_BLOCKS ? 2 : 1); }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
                   int64_t fmt, int64_t group) {
@@ -1982,6 +2003,7 @@ int64_t set_team(int64_t on) {
 TORCH_LIBRARY(moedesk, m) {
   m.def("set_isa(int level) -> int");
   m.def("set_team(int on) -> int");
+  m.def("int4_blocks_ok(int N, int K, int group) -> bool");
   m.def("linear(Tensor x, Tensor q, Tensor scale, Tensor zero, int fmt, int group) -> Tensor");
   m.def("moe_ffn(Tensor x, Tensor[] w, int[] ints, float[] floats) -> Tensor[]");
   m.def("mla_decode(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!) kv, Tensor cos, Tensor sin) -> Tensor");
@@ -2004,4 +2026,5 @@ TORCH_LIBRARY_IMPL(moedesk, CPU, m) {
 
 TORCH_LIBRARY_IMPL(moedesk, CatchAll, m) { m.impl("set_isa", &set_isa);
   m.impl("set_team", &set_team);
+  m.impl("int4_blocks_ok", &int4_blocks_ok);
 }
