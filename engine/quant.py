@@ -256,7 +256,9 @@ def reorder_int4(module: torch.nn.Module, names: tuple[str, ...], layout: str) -
     if layout != module.layout:
         convert = int4_blocks if layout == "blocks16" else int4_rows
         for name in names:
-            getattr(module, name).copy_(convert(getattr(module, name)))
+            buf = getattr(module, name)
+            for matrix in buf if buf.dim() == 3 else [buf]:  # an expert at a time: a small transient copy
+                matrix.copy_(convert(matrix))
         module.layout = layout
         module._cpu = None
 
