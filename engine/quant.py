@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import cpu, use_triton
-from kernels.formats import (INT4_GROUPS, QWeight, dequantize, int4_blocks, int4_rows, quantize_fp8, quantize_int4,
-                             quantize_int8)
+from kernels.formats import (INT4_GROUPS, QWeight, dequantize, group_blocks, group_rows, int4_blocks, int4_rows,
+                             quantize_fp8, quantize_int4, quantize_int8)
 from engine.model.linear import by_kernel_rows, decode_shaped, kernel_ready, read_bytes
 from engine.model.moe import Experts
 
@@ -81,7 +81,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("zero", qw.zero)
         self._cpu: tuple | None = None  # the CPU kernel's own packing, made on first use
         self.layout = "rows"  # int4: "blocks16" where moedesk's CPU kernel reads it (use_kernel_layout)
-        int4_layout_hooks(self, ("qweight",))
+        int4_layout_hooks(self, ("qweight", "scale", "zero"))
 
     @property
     def qw(self) -> QWeight:
@@ -89,7 +89,7 @@ class QuantLinear(torch.nn.Module):
                        self.layout)
 
     def use_layout(self, layout: str) -> None:
-        reorder_int4(self, ("qweight",), layout)
+        reorder_int4(self, ("qweight", "scale", "zero"), layout)
 
     def set_weight(self, w: torch.Tensor) -> None:
         """Quantize a full-precision [N, K] weight into this module's buffers."""
@@ -178,14 +178,14 @@ class QuantExperts(Experts):
             self.register_buffer(f"{name}_zero", qw.zero)
         self._cpu: list | None = None
         self.layout = "rows"  # int4: "blocks16" where moedesk's CPU kernel reads it (use_kernel_layout)
-        int4_layout_hooks(self, ("gate_up_qweight", "down_qweight"))
+        int4_layout_hooks(self, INT4_EXPERT_BUFFERS)
 
     def stacked(self, name: str) -> QWeight:
         return QWeight(self.spec.fmt, getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale"),
                        getattr(self, f"{name}_zero"), self.spec.group, self.spec.block, self.layout)
 
     def use_layout(self, layout: str) -> None:
-        reorder_int4(self, ("gate_up_qweight", "down_qweight"), layout)
+        reorder_int4(self, INT4_EXPERT_BUFFERS, layout)
 
     @property
     def n_experts(self) -> int:
@@ -251,14 +251,22 @@ class QuantExperts(Experts):
         return out
 
 
+INT4_EXPERT_BUFFERS = tuple(f"{w}_{part}" for w in ("gate_up", "down") for part in ("qweight", "scale", "zero"))
+# (to "blocks16", to "rows") for each int4 buffer, by the buffer name's last part
+INT4_LAYOUTS = {"qweight": (int4_blocks, int4_rows), "scale": (group_blocks, group_rows),
+                "zero": (group_blocks, group_rows)}
+
+
 def reorder_int4(module: torch.nn.Module, names: tuple[str, ...], layout: str) -> None:
     """A quantized module's int4 buffers `names` into `layout` ("rows" or "blocks16"), in place."""
     if layout != module.layout:
-        convert = int4_blocks if layout == "blocks16" else int4_rows
         for name in names:
+            convert = INT4_LAYOUTS[name.rsplit("_", 1)[-1]][layout == "rows"]
             buf = getattr(module, name)
             for matrix in buf if buf.dim() == 3 else [buf]:  # an expert at a time: a small transient copy
-                matrix.copy_(convert(matrix))
+                moved = convert(matrix)
+                if moved.data_ptr() != matrix.data_ptr():  # the same memory: the order does not change it
+                    matrix.copy_(moved)
         module.layout = layout
         module._cpu = None
 
@@ -269,7 +277,7 @@ def int4_layout_hooks(module: torch.nn.Module, names: tuple[str, ...]) -> None:
     def rows_out(m, state, prefix, _meta):
         if m.layout != "rows":
             for name in names:
-                state[prefix + name] = int4_rows(state[prefix + name])
+                state[prefix + name] = INT4_LAYOUTS[name.rsplit("_", 1)[-1]][1](state[prefix + name])
 
     module.register_state_dict_post_hook(rows_out)
     module.register_load_state_dict_pre_hook(lambda m, *_: m.use_layout("rows"))

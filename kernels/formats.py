@@ -8,9 +8,9 @@ A weight is a matrix [N, K] (output rows × input columns, as nn.Linear stores i
   column 2j in the low nibble and 2j+1 in the high one (the byte order of compressed-tensors' int32
   packing on a little-endian host), scale fp32 [..., N, G] and zero uint8 [..., N, G] with
   G = ceil(K / group); w = (q − zero) · scale. The last group may be short when group ∤ K.
-  On the CPU, where moedesk's kernel reads it by vpdpbusd, qweight may be in layout "blocks16" instead
-  (int4_blocks: the same bytes and shape, each block of 16 rows reordered); `QWeight.rows()` gives the
-  row order that everything else reads.
+  On the CPU, where moedesk's kernel reads it by vpdpbusd, the three may be in layout "blocks16" instead
+  (int4_blocks, group_blocks: the same bytes and shapes, each block of 16 rows reordered);
+  `QWeight.rows()` gives the row order that everything else reads.
 - "fp8": DeepSeek's block-scaled e4m3. qweight float8_e4m3fn [..., N, K], scale fp32
   [..., ceil(N/bn), ceil(K/bk)]; w = q · scale of its (bn × bk) block.
 """
@@ -50,7 +50,10 @@ class QWeight:
 
     def rows(self) -> "QWeight":
         """This weight with qweight in row order (a reordered copy where it is in blocks of 16 rows)."""
-        return self if self.layout == "rows" else replace(self, qweight=int4_rows(self.qweight), layout="rows")
+        if self.layout == "rows":
+            return self
+        return replace(self, qweight=int4_rows(self.qweight), scale=group_rows(self.scale), zero=group_rows(self.zero),
+                       layout="rows")
 
 
 def quantize_int8(w: torch.Tensor) -> QWeight:
@@ -114,6 +117,19 @@ def int4_blocks(q: torch.Tensor) -> torch.Tensor:
     L = len(lead)
     blocks = q.reshape(*lead, N // 16, 16, half // 32, 8, 4)  # [.., block, row, column block, word, byte]
     return blocks.permute(*range(L), L, L + 2, L + 3, L + 1, L + 4).contiguous().view(q.shape)
+
+
+def group_blocks(t: torch.Tensor) -> torch.Tensor:
+    """int4 scales or zero points [..., N, G] in row order → layout "blocks16", same shape: per block of 16
+    rows, [G, 16], the tiles the kernel multiplies by (one vector per group)."""
+    *lead, N, G = t.shape
+    return t.reshape(*lead, N // 16, 16, G).transpose(-1, -2).contiguous().view(t.shape)
+
+
+def group_rows(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of group_blocks."""
+    *lead, N, G = t.shape
+    return t.reshape(*lead, N // 16, G, 16).transpose(-1, -2).contiguous().view(t.shape)
 
 
 def int4_rows(q: torch.Tensor) -> torch.Tensor:

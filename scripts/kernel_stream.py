@@ -1,8 +1,8 @@
 """moedesk's CPU products streaming from memory, GB/s: V2-Lite expert shapes (gate_up 2816 × 2048,
 down 2048 × 1408), enough distinct matrices to leave the cache, for 1, 4 and 8 activation rows, beside the
-(formats: bf16, int8, int4 in row order, int4_blocks),
 machine's read bandwidth (a 512 MiB fp32 sum), in one process. The figures behind docs/cpu_decode.md's
-"Reading at the memory's speed". Usage: .venv/bin/python scripts/kernel_stream.py [--formats bf16,int8,int4]"""
+"Reading at the memory's speed". Formats: bf16, int8, int4 (row order), int4_blocks (the engine's layout
+on AVX-512 VNNI). Usage: .venv/bin/python scripts/kernel_stream.py [--formats bf16,int8,int4]"""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.bench import read_bandwidth  # noqa: E402
 from kernels import cpu  # noqa: E402
-from kernels.formats import int4_blocks, quantize_int4, quantize_int8  # noqa: E402
+from kernels.formats import group_blocks, int4_blocks, quantize_int4, quantize_int8  # noqa: E402
 
 SHAPES = [(2816, 2048), (2048, 1408)]
 
@@ -34,7 +34,7 @@ def weight(fmt: str, N: int, K: int, seed: int) -> tuple:
         return q.qweight, q.scale, e, 2, 0
     q = quantize_int4(w, 64)
     if fmt == "int4_blocks":  # the layout the engine keeps int4 in on AVX-512 VNNI (kernels/formats.py)
-        return int4_blocks(q.qweight), q.scale, q.zero, 6, 64
+        return int4_blocks(q.qweight), group_blocks(q.scale), group_blocks(q.zero), 6, 64
     return q.qweight, q.scale, q.zero, 3, 64
 
 

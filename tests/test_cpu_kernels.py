@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import cpu
-from kernels.formats import dequantize, int4_blocks, int4_rows, quantize_int4, quantize_int8
+from kernels.formats import dequantize, group_blocks, group_rows, int4_blocks, int4_rows, quantize_int4, quantize_int8
 from kernels.reference import fused_moe_ref
 
 
@@ -205,20 +205,22 @@ def test_moe_reads_each_chosen_expert_once_and_matches_the_reference(fmt):
 
 def test_int4_in_blocks_of_16_rows_gives_the_bits_of_row_order(isa):
     """Layout "blocks16" (format int4_blocks) stores each block of 16 rows in the order dpbusd_block
-    multiplies it: the same products, bit for bit, for 1 to 16 tokens, in linear and moe; where the kernel
-    cannot read it (no AVX-512 VNNI, rows not a multiple of 16) the op refuses it by name."""
+    multiplies it, the group scales and zero points as its [G, 16] tiles: the same products, bit for bit,
+    for 1 to 16 tokens, in linear and moe; where the kernel cannot read it (no AVX-512 VNNI, rows not a
+    multiple of 16) the op refuses it by name."""
     (q, s, z, _, group), _ = weights("int4", 96, 1408, group=64)
-    blocked = int4_blocks(q)
+    blocked, bs, bz = int4_blocks(q), group_blocks(s), group_blocks(z)
     assert torch.equal(int4_rows(blocked), q) and not torch.equal(blocked, q)
+    assert torch.equal(group_rows(bs), s) and torch.equal(group_rows(bz), z) and not torch.equal(bs, s)
     x = torch.randn(16, 1408, generator=torch.Generator().manual_seed(5))
     if not cpu.int4_blocks_ok(96, 1408, 64):
         assert isa != "avx512" or not cpu_flags_have("avx512_vnni")
         with pytest.raises(RuntimeError, match="blocks of 16 rows"):
-            torch.ops.moedesk.linear(x[:1], blocked, s, z, 6, 64)
+            torch.ops.moedesk.linear(x[:1], blocked, bs, bz, 6, 64)
         return
     assert not cpu.int4_blocks_ok(40, 1408, 64) and not cpu.int4_blocks_ok(96, 1408, 32)
     for M in (1, 3, 8, 16):
-        assert torch.equal(torch.ops.moedesk.linear(x[:M], blocked, s, z, 6, 64),
+        assert torch.equal(torch.ops.moedesk.linear(x[:M], blocked, bs, bz, 6, 64),
                            torch.ops.moedesk.linear(x[:M], q, s, z, 3, 64)), M
     E, H, I = 4, 128, 64
     gu = [weights("int4", 2 * I, H, seed=e)[0] for e in range(E)]
@@ -227,7 +229,7 @@ def test_int4_in_blocks_of_16_rows_gives_the_bits_of_row_order(isa):
     xs = torch.randn(5, H, generator=torch.Generator().manual_seed(6))
     ids, w = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2]]), torch.rand(5, 2)
     rows = torch.ops.moedesk.moe(xs, ids, w, *parts, 3, 64)
-    parts[0], parts[3] = int4_blocks(parts[0]), int4_blocks(parts[3])
+    parts = [int4_blocks(p) if i % 3 == 0 else group_blocks(p) for i, p in enumerate(parts)]
     assert torch.equal(torch.ops.moedesk.moe(xs, ids, w, *parts, 6, 64), rows)
 
 

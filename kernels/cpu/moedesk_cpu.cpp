@@ -745,9 +745,10 @@ struct Weight {
     const int64_t Gp = (G + 15) / 16 * 16;  // groups rounded up to the 16 a transpose writes
     thread_local std::vector<float> tiles;
     tiles.resize(32 * Gp);
-    float* st = tiles.data();
-    float* zt = st + 16 * Gp;
-    for (int64_t g = 0; g < G; g += 16) {  // 16 groups of the 16 rows a step, transposed in registers
+    // I4_BLOCKS stores the scales and zero points as these tiles already ([G][16] per block of rows)
+    const float* st = interleaved ? scale + n * G : tiles.data();
+    float* zt = tiles.data() + 16 * Gp;
+    for (int64_t g = 0; !interleaved && g < G; g += 16) {  // 16 groups of the 16 rows a step, transposed
       const __mmask16 mk = tail_mask(G - g);
       __m512 sc[16], zs[16];
       for (int r = 0; r < 16; ++r) {
@@ -758,7 +759,7 @@ struct Weight {
       transpose16(sc);
       transpose16(zs);
       for (int i = 0; i < 16; ++i) {
-        _mm512_storeu_ps(st + 16 * (g + i), sc[i]);
+        _mm512_storeu_ps(tiles.data() + 16 * (g + i), sc[i]);
         _mm512_storeu_ps(zt + 16 * (g + i), zs[i]);
       }
     }
@@ -847,7 +848,10 @@ struct Weight {
     for (int m = 0; m < MB; ++m) corr[m] = _mm512_setzero_ps();
     const float* t = xsum + m0 * G;
     for (int64_t g = 0; g < G; ++g) {
-      const __m512 zs = _mm512_loadu_ps(zt + 16 * g);
+      const __m512 zs = interleaved ? _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + n * G + 16 * g)))),
+                                      _mm512_loadu_ps(st + 16 * g))
+                                    : _mm512_loadu_ps(zt + 16 * g);
       for (int m = 0; m < MB; ++m) corr[m] = _mm512_fmadd_ps(zs, _mm512_set1_ps(t[m * G + g]), corr[m]);
     }
     const __mmask16 keep = tail_mask(rows);
