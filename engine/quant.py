@@ -107,7 +107,7 @@ class QuantLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(x) and x.numel() // x.shape[-1] <= 8:
             from kernels.quant_matmul import quant_matmul
-            return quant_matmul(x, self.qw)
+            return quant_matmul(x, self.qw.rows())  # row order off the CPU (a no-op unless moved there)
         if x.is_cuda:  # prefill: one transient dequantized copy of this layer beats a slow product
             return F.linear(x, dequantize(self.qw, x.dtype))
         if self.spec.fmt in ("int8", "int4") and kernel_ready(x) and self.qw.shape[-1] == x.shape[-1]:
@@ -217,10 +217,10 @@ class QuantExperts(Experts):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if use_triton(x):
             from kernels.fused_moe import fused_moe
-            return fused_moe(x, weights, ids, *self.kernel_weights())
+            return fused_moe(x, weights, ids, *(w.rows() for w in self.kernel_weights()))
         if x.is_cuda:
             from kernels.reference import fused_moe_ref
-            return fused_moe_ref(x, weights, ids, *self.kernel_weights())
+            return fused_moe_ref(x, weights, ids, *(w.rows() for w in self.kernel_weights()))
         if self.spec.fmt in ("int8", "int4") and decode_shaped(x):
             gu, dn, e = self.stacked("gate_up"), self.stacked("down"), cpu.empty()
             zero = lambda q: e if q.zero is None else q.zero  # noqa: E731
