@@ -177,6 +177,7 @@ def run_bench(models, prompts: list[dict], configs: list[BenchConfig], max_token
     result["read_bandwidth_bytes_per_s"] = statistics.median(bandwidth)
     result["read_bandwidth_per_round"] = bandwidth
     result["huge_page_bytes"] = huge_page_bytes()
+    result["thp_mem_alloc_enable"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
     result["variants"] = {name: runner.describe() for name, runner in runners.items()}
     for name, v in result["variants"].items():  # what each variant's plain decoding reads per second
         off = result["configs"].get(f"{name} off" if name else "off")
@@ -347,7 +348,7 @@ def format_table(result: dict) -> str:
                      f"(a 512 MiB fp32 sum, torch's threads, median of one measurement per round)")
     if result.get("huge_page_bytes") is not None:
         lines.append(f"on 2 MiB pages: {result['huge_page_bytes'] / 2**20:.0f} MiB of this process "
-                     f"(THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')})")
+                     f"(THP_MEM_ALLOC_ENABLE={result.get('thp_mem_alloc_enable') or 'unset'})")
     for name, e in result.get("engines", {}).items():
         ratio = e["best_vs_first_best"]
         lines.append(f"{name:<10} best: {e['best']} {e['best_tokens_per_s']:.1f} tok/s "

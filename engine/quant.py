@@ -71,6 +71,7 @@ def _empty_qweight(spec: QuantSpec, lead: tuple, N: int, K: int, device) -> QWei
 
 class QuantLinear(torch.nn.Module):
     """nn.Linear (no bias) with its weight quantized; buffers qweight / scale / zero (kernels/formats.py)."""
+    INT4_BUFFERS = ("qweight", "scale", "zero")  # what reorder_int4 moves between layouts
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, device=None):
         super().__init__()
@@ -81,7 +82,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("zero", qw.zero)
         self._cpu: tuple | None = None  # the CPU kernel's own packing, made on first use
         self.layout = "rows"  # int4: "blocks16" where moedesk's CPU kernel reads it (use_kernel_layout)
-        int4_layout_hooks(self, ("qweight", "scale", "zero"))
+        int4_layout_hooks(self)
 
     @property
     def qw(self) -> QWeight:
@@ -89,7 +90,7 @@ class QuantLinear(torch.nn.Module):
                        self.layout)
 
     def use_layout(self, layout: str) -> None:
-        reorder_int4(self, ("qweight", "scale", "zero"), layout)
+        reorder_int4(self, layout)
 
     def set_weight(self, w: torch.Tensor) -> None:
         """Quantize a full-precision [N, K] weight into this module's buffers."""
@@ -167,6 +168,7 @@ def cpu_pack(qw: QWeight) -> tuple:
 
 class QuantExperts(Experts):
     """The routed experts with quantized stacked weights: gate_up [E, 2I, H] and down [E, H, I]."""
+    INT4_BUFFERS = tuple(f"{w}_{part}" for w in ("gate_up", "down") for part in QuantLinear.INT4_BUFFERS)
 
     def __init__(self, n_experts: int, hidden: int, inter: int, spec: QuantSpec, device=None):
         torch.nn.Module.__init__(self)
@@ -178,14 +180,14 @@ class QuantExperts(Experts):
             self.register_buffer(f"{name}_zero", qw.zero)
         self._cpu: list | None = None
         self.layout = "rows"  # int4: "blocks16" where moedesk's CPU kernel reads it (use_kernel_layout)
-        int4_layout_hooks(self, INT4_EXPERT_BUFFERS)
+        int4_layout_hooks(self)
 
     def stacked(self, name: str) -> QWeight:
         return QWeight(self.spec.fmt, getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale"),
                        getattr(self, f"{name}_zero"), self.spec.group, self.spec.block, self.layout)
 
     def use_layout(self, layout: str) -> None:
-        reorder_int4(self, INT4_EXPERT_BUFFERS, layout)
+        reorder_int4(self, layout)
 
     @property
     def n_experts(self) -> int:
@@ -251,17 +253,17 @@ class QuantExperts(Experts):
         return out
 
 
-INT4_EXPERT_BUFFERS = tuple(f"{w}_{part}" for w in ("gate_up", "down") for part in ("qweight", "scale", "zero"))
-# (to "blocks16", to "rows") for each int4 buffer, by the buffer name's last part
-INT4_LAYOUTS = {"qweight": (int4_blocks, int4_rows), "scale": (group_blocks, group_rows),
-                "zero": (group_blocks, group_rows)}
+def int4_converter(name: str, layout: str):
+    """The function that puts an int4 buffer (…qweight, …scale, …zero) into `layout` ("rows", "blocks16")."""
+    to_blocks, to_rows = (int4_blocks, int4_rows) if name.endswith("qweight") else (group_blocks, group_rows)
+    return to_rows if layout == "rows" else to_blocks
 
 
-def reorder_int4(module: torch.nn.Module, names: tuple[str, ...], layout: str) -> None:
-    """A quantized module's int4 buffers `names` into `layout` ("rows" or "blocks16"), in place."""
+def reorder_int4(module: torch.nn.Module, layout: str) -> None:
+    """A quantized module's int4 buffers (its INT4_BUFFERS) into `layout` ("rows" or "blocks16"), in place."""
     if layout != module.layout:
-        for name in names:
-            convert = INT4_LAYOUTS[name.rsplit("_", 1)[-1]][layout == "rows"]
+        for name in module.INT4_BUFFERS:
+            convert = int4_converter(name, layout)
             buf = getattr(module, name)
             for matrix in buf if buf.dim() == 3 else [buf]:  # an expert at a time: a small transient copy
                 moved = convert(matrix)
@@ -271,13 +273,13 @@ def reorder_int4(module: torch.nn.Module, names: tuple[str, ...], layout: str) -
         module._cpu = None
 
 
-def int4_layout_hooks(module: torch.nn.Module, names: tuple[str, ...]) -> None:
+def int4_layout_hooks(module: torch.nn.Module) -> None:
     """state_dict() gives the int4 buffers in row order whatever their layout in memory (checkpoints, the
     GGUF export and comparisons read it), and load_state_dict() puts the module back in row order first."""
     def rows_out(m, state, prefix, _meta):
         if m.layout != "rows":
-            for name in names:
-                state[prefix + name] = INT4_LAYOUTS[name.rsplit("_", 1)[-1]][1](state[prefix + name])
+            for name in m.INT4_BUFFERS:
+                state[prefix + name] = int4_converter(name, "rows")(state[prefix + name])
 
     module.register_state_dict_post_hook(rows_out)
     module.register_load_state_dict_pre_hook(lambda m, *_: m.use_layout("rows"))
@@ -294,8 +296,8 @@ def use_kernel_layout(model: torch.nn.Module) -> int:
         if not isinstance(m, QuantLinear | QuantExperts) or m.spec.fmt != "int4" or m.layout != "rows":
             continue
         shapes = [w.shape[-2:] for w in m.kernel_weights()] if isinstance(m, QuantExperts) else [m.qw.shape]
-        q = m.qweight if isinstance(m, QuantLinear) else m.gate_up_qweight
-        if q.device.type == "cpu" and all(cpu.int4_blocks_ok(N, K, m.spec.group) for N, K in shapes):
+        on_cpu = getattr(m, m.INT4_BUFFERS[0]).device.type == "cpu"
+        if on_cpu and all(cpu.int4_blocks_ok(N, K, m.spec.group) for N, K in shapes):
             m.use_layout("blocks16")
             moved += 1
     return moved

@@ -775,17 +775,14 @@ struct Weight {
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < B; ++b) {
       __m512i z[8], t[8], u[8], v[8];
-      if (interleaved && pf) {  // one stream: 8 KB ahead in it (the next block, 11-16 KB ahead, and 2 KB
-        // read 0.94-0.96x and 0.81x of row order in decode; 4-8 KB 1.0-1.06x: medians of 8 alternated runs)
-        const uint8_t* p = base + b * 512 + I4_BLOCKS_AHEAD;
+      if (pf && (full || interleaved)) {
+        // the weights ahead: I4_BLOCKS, one stream, 8 KB ahead in it (the next block, 11-16 KB ahead, and 2 KB
+        // read 0.94-0.96x and 0.81x of row order in decode; 4-8 KB 1.0-1.06x: medians of 8 alternated runs);
+        // row order, the next block's 16 rows, one contiguous region, in order. 8 lines a step either way.
+        const uint8_t* p = interleaved ? base + b * 512 + I4_BLOCKS_AHEAD : base + 16 * rb + b * 512;
         for (int i = 0; i < 8; ++i) prefetch_l2(p + 64 * i);
-        if (b < G) prefetch_l2(reinterpret_cast<const uint8_t*>(scale + (n + 16) * G) + 64 * b);
-        if (4 * b < G) prefetch_l2(zero + (n + 16) * G + 64 * b);
-      } else if (full && pf) {  // the next block's 16 rows, one contiguous region, in order: 8 lines a step
-        const uint8_t* p = base + 16 * rb + b * 512;
-        for (int i = 0; i < 8; ++i) prefetch_l2(p + 64 * i);
-        // and its scales and zero points (G and G / 4 lines), which the next block's transposed tiles
-        // would otherwise wait for: a memory latency each, ~10% of a one-token product
+        // and the next block's scales and zero points (G and G / 4 lines, the same region in either layout),
+        // which its tiles would otherwise wait for: a memory latency each, ~10% of a one-token product
         if (b < G) prefetch_l2(reinterpret_cast<const uint8_t*>(scale + (n + 16) * G) + 64 * b);
         if (4 * b < G) prefetch_l2(zero + (n + 16) * G + 64 * b);
       }
