@@ -11,7 +11,8 @@ drawn from normalize(max(0, p − q)), so the output follows p exactly (Leviatha
 MTP bookkeeping. Depth j (1-based) at position i combines depth j-1's hidden state at i (depth 0: the
 main model's) with the token at i+j and predicts token i+j+1. Its cache entry at i is final once token
 i+j is committed; `valid[j]` counts those. Each round first brings every depth up to date over the
-positions that became final, which is also the pass that yields its draft at the newest position.
+positions that became final, which is also the pass that yields its draft at the newest position; after
+a run of plain steps the bulk of that catching up runs as a pass of its own (`MTPDrafter.catch_up`).
 Drafts beyond the number of modules D reuse module D autoregressively, feeding it its own hidden state.
 """
 from __future__ import annotations
@@ -98,6 +99,22 @@ class MTPDrafter:
             self.hidden[D][:, pos:pos + 1] = h
             self._propose(logits, picker, drafts, qs)
         return drafts, qs
+
+    def catch_up(self, tokens: list[int], k: int, lag: int) -> None:
+        """Bring the depths a k-draft uses up to the committed tokens where they trail by more than `lag`
+        positions (after a run of plain steps, or at a reply's first draft), leaving depth j's last j
+        positions to the drafting pass. The same passes drafting would run, split in two so that the
+        draft-length controller can time the catch-up apart from the step: it is the price of the plain
+        steps before, not of the draft length chosen now."""
+        N = len(tokens) - 1
+        for j in range(1, min(k, self.depth) + 1):
+            # positions whose token i+j is committed, all but the last j, and whose depth j-1 state is final
+            start, end = self.valid[j], N - j if j == 1 else min(N - j, self.valid[j - 1])
+            if end - start <= lag:
+                continue
+            ids = self.ids(tokens, [], start + j, end + j)
+            self.hidden[j][:, start:end] = self._pass(j - 1, self.hidden[j - 1][:, start:end], ids, start)[0]
+            self.valid[j] = end
 
     def ids(self, tokens: list[int], drafts: list, a: int, b: int) -> torch.Tensor:
         """Entries a..b-1 of committed tokens followed by drafts, as [1, b-a] on the model's device."""
@@ -209,7 +226,7 @@ class DraftLength:
         self.reached = [0.0] * self.k_max
         self.t_step: dict[int, float] = {}  # k → seconds per step
         self.n_obs: dict[int, int] = {}  # k → steps observed
-        self.t_draft: float | None = None  # seconds per drafted token (MTP passes incl. catch-up)
+        self.t_draft: float | None = None  # seconds per drafted token (MTP passes, catch-up excluded)
         self.plain_streak = 0
         self.probe_every = self.PROBE_FIRST
         self.bytes: dict[int, float] = {}  # k → routed-expert bytes per pass, averaged like t_step
@@ -412,6 +429,9 @@ def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, 
             break
         N = len(tokens) - 1  # the newest token, not yet seen by the main model
         k = control.choose(min(emitter.remaining - 1, model.max_seq_len - N - 1))
+        tc = time.perf_counter()
+        if k:
+            drafter.catch_up(tokens, k, lag=cfg.max_drafts)  # a verification leaves at most k_max: plain steps
         t0 = time.perf_counter()
         marks = gpu_marks(hidden.device) if resident and k else None
         drafts, qs = drafter.draft(tokens, k, picker) if k else ([], [])
@@ -434,5 +454,5 @@ def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, 
         # drafts kept on the GPU leave the host before they are computed: time them there (done by now)
         draft_s = marks[0].elapsed_time(marks[1]) / 1000 if marks else t1 - t0
         control.observe(k, accepted, time.perf_counter() - t0, draft_s, meter.last_bytes() if meter else None)
-        stats.record(k, accepted, draft_s, t2 - t0 - draft_s)
+        stats.record(k, accepted, t0 - tc + draft_s, t2 - t0 - draft_s)
     return stats.as_dict()

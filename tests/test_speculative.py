@@ -88,6 +88,53 @@ def test_caches_after_rollback_equal_a_fresh_forward(agreeing_mtp):
             assert (cached - fresh).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("which", ["random_mtp", "agreeing_mtp"])
+def test_a_catch_up_after_plain_steps_gives_the_drafts_of_a_fresh_computation(which, request):
+    """Runs of plain steps between drafts leave the MTP depths behind; `catch_up` brings the depths a
+    k-draft uses up to date in a pass of its own (timed apart from the step), and the depths' states and
+    the drafts that follow are those of a computation from scratch, whichever depths were left behind and
+    by how much. (The agreeing model's MTP modules ignore their hidden input; the random ones do not.)"""
+    model = request.getfixturevalue(which)
+    model.setup_caches(1, 512)
+    rng = random.Random(1)
+    picker = TokenPicker(SamplingParams(), [], torch.device("cpu"))
+    tokens = prompts()[7]
+    with torch.no_grad():
+        hidden = model(torch.tensor([tokens]), 0)
+        drafter = MTPDrafter(model, hidden)
+        tokens.append(int(model.logits(hidden[:, -1]).argmax()))
+        caught = 0
+        for _ in range(24):
+            for _ in range(rng.choice([0, 1, 2, 7, 20])):  # plain steps: the main model only
+                N = len(tokens) - 1
+                h = model(torch.tensor([[tokens[N]]]), N)
+                drafter.hidden[0][:, N:N + 1] = h
+                tokens.append(int(model.logits(h)[0, -1].argmax()))
+            k = rng.choice([1, 1, 2, 4])  # k=1 leaves the second depth behind
+            before = list(drafter.valid)
+            drafter.catch_up(tokens, k, lag=rng.choice([0, 3]))
+            caught += drafter.valid != before
+            drafts, _ = drafter.draft(tokens, k, picker)
+            assert drafts == reference_drafts(model, tokens, k)
+            for j, states in enumerate(reference_depth_states(model, tokens), start=1):
+                final = drafter.valid[j]  # the positions a depth keeps: they must be what a fresh pass gives
+                assert final == 0 or (drafter.hidden[j][:, :final] - states[:, :final]).abs().max() < 1e-4, j
+            N = len(tokens) - 1
+            drafter.hidden[0][:, N:N + k + 1] = model(torch.tensor([[tokens[N]] + drafts]), N)
+            tokens += drafts[:rng.randint(0, k)] + [rng.randrange(2, 512)]
+    assert caught >= 5  # the catch-up passes really ran
+
+
+def reference_depth_states(model, tokens):
+    """Each MTP depth's hidden states, from scratch, at the positions whose inputs are all committed."""
+    N = len(tokens) - 1
+    prev, states = model(torch.tensor([tokens[:N]])), []
+    for j in range(1, len(model.mtp) + 1):  # depth j at positions 0..N-j reads tokens j..N
+        prev = model.mtp_forward(j - 1, prev[:, :N - j + 1], torch.tensor([tokens[j:N + 1]]))
+        states.append(prev)
+    return states
+
+
 def reference_drafts(model, tokens, k):
     """Greedy MTP drafts recomputed from scratch (no caches) over the committed tokens."""
     N, D = len(tokens) - 1, len(model.mtp)
