@@ -62,18 +62,22 @@ def test_stats_fields(agreeing_mtp):
     assert s["decode_tokens_per_s"] > 0 and s["time_to_first_token_s"] > 0
 
 
+def start_drafting(model, prompt: list[int], cache: int):
+    """Prefill `prompt`, take the first token greedily → (tokens, an MTPDrafter over it, a greedy picker)."""
+    model.setup_caches(1, cache)
+    tokens = list(prompt)
+    hidden = model(torch.tensor([tokens]), 0)
+    tokens.append(int(model.logits(hidden[:, -1]).argmax()))
+    return tokens, MTPDrafter(model, hidden), TokenPicker(SamplingParams(), [], torch.device("cpu"))
+
+
 def test_caches_after_rollback_equal_a_fresh_forward(agreeing_mtp):
     """Random accept counts (including total rejection): the main cache and every MTP depth's cache
     continue exactly as a fresh computation over the committed tokens would."""
     model = agreeing_mtp
-    model.setup_caches(1, 128)
     rng = random.Random(0)
-    picker = TokenPicker(SamplingParams(), [], torch.device("cpu"))
-    tokens = prompts()[5]
     with torch.no_grad():
-        hidden = model(torch.tensor([tokens]), 0)
-        drafter = MTPDrafter(model, hidden)
-        tokens.append(int(model.logits(hidden[:, -1]).argmax()))
+        tokens, drafter, picker = start_drafting(model, prompts()[5], cache=128)
         for _ in range(12):
             N, k = len(tokens) - 1, rng.randint(1, 4)
             drafts, _ = drafter.draft(tokens, k, picker)
@@ -95,14 +99,9 @@ def test_a_catch_up_after_plain_steps_gives_the_drafts_of_a_fresh_computation(wh
     the drafts that follow are those of a computation from scratch, whichever depths were left behind and
     by how much. (The agreeing model's MTP modules ignore their hidden input; the random ones do not.)"""
     model = request.getfixturevalue(which)
-    model.setup_caches(1, 512)
     rng = random.Random(1)
-    picker = TokenPicker(SamplingParams(), [], torch.device("cpu"))
-    tokens = prompts()[7]
     with torch.no_grad():
-        hidden = model(torch.tensor([tokens]), 0)
-        drafter = MTPDrafter(model, hidden)
-        tokens.append(int(model.logits(hidden[:, -1]).argmax()))
+        tokens, drafter, picker = start_drafting(model, prompts()[7], cache=512)
         caught = 0
         for _ in range(24):
             for _ in range(rng.choice([0, 1, 2, 7, 20])):  # plain steps: the main model only
