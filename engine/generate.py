@@ -185,7 +185,7 @@ def decode_plain(model: Transformer, hidden: torch.Tensor, picker: TokenPicker, 
         if static:
             logits = cuda_graphs.main_step(model, cuda_graphs.to_device([[token]], device), pos)[1][0, -1]
         else:
-            logits = model.logits(model(torch.tensor([[token]], device=device), pos))[0, -1]
+            logits = model.decode(torch.tensor([[token]], device=device), pos)[1][0, -1]
         pos += 1
     return {}
 

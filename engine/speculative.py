@@ -442,8 +442,7 @@ def decode_mtp(model: Transformer, prompt_ids: list[int], hidden: torch.Tensor, 
         if static:
             h, logits = cuda_graphs.main_step(model, ids, N)
         else:
-            h = model(ids, N)  # [1, k+1, H]
-            logits = model.logits(h)
+            h, logits = model.decode(ids, N)  # [1, k+1, H], [1, k+1, V]
         drafter.hidden[0][:, N:N + k + 1] = h
         if resident:
             accepted, bonus, drafts = verify_resident(logits[0], drafts)

@@ -404,6 +404,45 @@ def test_every_layer_in_one_call_equals_the_layer_by_layer_calls(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(out[True][1], out[False][1]))
 
 
+@pytest.mark.parametrize("variant", ["fp32", "int8", "int4", "bf16"])
+def test_the_layers_norm_and_head_in_one_call_equal_the_separate_calls(variant, monkeypatch):
+    """Transformer.decode runs the decoder stack, the final norm and the head as one call
+    (moedesk::layers_decode_logits): hidden states and logits within rounding of forward + logits, the
+    same routing choices, and each row the bits it has in a pass of any length (a verification's first
+    row is the plain step's, so greedy speculation stays identical). bf16 activations take forward +
+    logits."""
+    from engine.model.transformer import Transformer
+    from engine.routing_stats import RoutingRecorder
+
+    model = small_model(variant, 13, first_k_dense_replace=1)
+    tokens = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(14))
+    calls, real = [], torch.ops.moedesk.layers_decode_logits
+    monkeypatch.setattr(torch.ops.moedesk, "layers_decode_logits", lambda *a: calls.append(1) or real(*a))
+
+    def passes(one_call: bool):
+        if not one_call:
+            monkeypatch.setattr(Transformer, "fused_decode", lambda *a: None)
+        out = []
+        with torch.inference_mode(), RoutingRecorder(model) as rec:
+            for T in (1, 4):
+                model.setup_caches(1, 32)
+                model(tokens[:, :7], 0)
+                rec.clear()
+                out.append((*model.decode(tokens[:, 7:7 + T], 7), [rec.layer(j)[0] for j in range(len(rec.routers))]))
+        return out
+
+    one, separate = passes(True), passes(False)
+    if variant == "bf16":
+        assert not calls
+        return
+    assert len(calls) == 2
+    for (h, logits, ids), (h_ref, logits_ref, ids_ref) in zip(one, separate):
+        assert (h - h_ref).abs().max() < 1e-5 * max(1.0, h_ref.abs().max())
+        assert (logits - logits_ref).abs().max() < 1e-5 * max(1.0, logits_ref.abs().max())
+        assert all(torch.equal(a, b) for a, b in zip(ids, ids_ref))
+    assert torch.equal(one[0][1][0, 0], one[1][1][0, 0]) and torch.equal(one[0][0][0, 0], one[1][0][0, 0])
+
+
 def test_fused_decode_past_the_first_rotary_table_and_inside_fixed_weights(monkeypatch):
     """The fused stack's rotary rows past the table's first 256 positions (the table grows for them:
     the layer-by-layer path grows it, the fused one once read past its end), and the arguments a

@@ -95,6 +95,7 @@ class Transformer(torch.nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim, cfg.rope_interleave)
         # stack ("main" or an MTP depth) → (what its arguments were made of, them, its blocks' routers)
         self._joined: dict = {}
+        self._head_fused = FusedArgs()  # the final norm and head as moedesk::layers_decode_logits takes them
         self._fixed: dict | None = None  # inside fixed_weights(): stack → its first fused pass's arguments
         self.max_seq_len = 0
 
@@ -147,7 +148,21 @@ class Transformer(torch.nn.Module):
         attention within `tokens` only and leaves the caches alone; a device tensor input_pos [T] runs
         the static step (see `decode_step`).
         """
+        return self._stack(self.embed(tokens), tokens, start_pos)
+
+    def decode(self, tokens: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [1, T] at start_pos → (final-normed hidden [1, T, H], logits [1, T, V] fp32): a decode
+        step or a verification pass. On the CPU's decode path the layers, the final norm and the head are
+        one kernel call; elsewhere it is `forward` then `logits`."""
         x = self.embed(tokens)
+        fused = self.fused_decode(x, start_pos)
+        if fused is not None:
+            return fused
+        h = self._stack(x, tokens, start_pos)
+        return h, self.logits(h)
+
+    def _stack(self, x: torch.Tensor, tokens: torch.Tensor, start_pos) -> torch.Tensor:
+        """Embeddings x [B, T, H] of tokens through every block and the final norm."""
         fused = self.fused_layers(x, start_pos)  # CPU decode and verification: every layer in one call
         if fused is not None:
             return self.norm(fused)
@@ -155,6 +170,32 @@ class Transformer(torch.nn.Module):
         for block in self.layers:
             x = block(x, self.rotary, freqs, start_pos, mask)
         return self.norm(x)
+
+    def fused_decode(self, x: torch.Tensor, start_pos) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """x [1, T, H] through every block, the final norm and the head in one call of
+        moedesk::layers_decode_logits → (hidden [1, T, H], logits [1, T, V]), or None where it does not
+        apply (see fused_layers; fp32 activations and a head in a format the kernel reads)."""
+        if x.dtype != torch.float32:
+            return None
+        args = self._pass_args("main", self.layers, x, start_pos)
+        head = self._head_fused.get(self, self.norm, self._head_args) if args is not None else None
+        if head is None:
+            return None
+        (w, ints, floats, top_k, E), kvs = args
+        cos, sin = self.rotary.rows(start_pos, x.shape[1])
+        h, logits, ids, scores = torch.ops.moedesk.layers_decode_logits(
+            x[0], w, ints, floats, kvs, cos, sin, start_pos, top_k, E, *head, self.norm.eps)
+        self._record("main", ids, scores)
+        return h[None], logits[None]
+
+    def _head_args(self):
+        """(the weights used, (tensors, ints) of layers_decode_logits' norm and head, or None where the
+        kernel lacks the head's format or the norm is not fp32)."""
+        sources = [self.norm.weight] + own_weights(self.head)
+        out = cpu_weight(self.head)
+        if out is None or self.norm.weight.dtype != torch.float32:
+            return sources, None
+        return sources, ([self.norm.weight.detach().contiguous(), *out[0]], [out[1], out[2]])
 
     def fused_layers(self, x: torch.Tensor, start_pos) -> torch.Tensor | None:
         """x [1, T, H] through every block in one call of moedesk's CPU kernel (moedesk::layers_decode: each

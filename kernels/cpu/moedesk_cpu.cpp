@@ -1950,6 +1950,33 @@ std::vector<at::Tensor> layers_decode(const at::Tensor& x, at::TensorList w, at:
   return {res.view(x.sizes()), ids, scores};
 }
 
+// layers_decode followed by the final norm and the head, in the same call on the same team: the main
+// model's whole decode or verification pass. Called apart, the norm and the head took ~100 µs of a
+// ~600 µs bundled-model step, mostly PyTorch's dispatch running cold after the layers. head: norm [H] fp32,
+// head (q, scale, zero); head_ints: its (format, group). Returns (final-normed x [T, H], logits [T, V],
+// ids, scores).
+std::vector<at::Tensor> layers_decode_logits(const at::Tensor& x, at::TensorList w, at::IntArrayRef ints,
+                                             at::ArrayRef<double> floats, at::TensorList kvs, const at::Tensor& cos,
+                                             const at::Tensor& sin, int64_t start, int64_t top_k, int64_t E,
+                                             at::TensorList head, at::IntArrayRef head_ints, double eps) {
+  TORCH_CHECK(head.size() == 4 && head_ints.size() == 2, "moedesk.layers_decode_logits: 4 head tensors and 2 ints expected");
+  at::Tensor res = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous().clone();
+  const int64_t T = res.size(0), H = res.size(1);
+  TORCH_CHECK(head[0].numel() == H && head[0].scalar_type() == at::kFloat, "moedesk.layers_decode_logits: norm [H] fp32");
+  TORCH_CHECK(T >= 1 && T <= 16, "moedesk.layers_decode_logits: 1 <= T <= 16");
+  auto [cf, sf, ids, scores] = pass_inputs(res, w, ints, floats, kvs, cos, sin, top_k, E, "moedesk.layers_decode_logits");
+  at::Tensor logits;
+  on_team([&] {
+    run_layers(res, w, ints, floats, kvs, cf, sf, start, top_k, E, ids, scores);
+    rms_norm_rows(res.data_ptr<float>(), T, H, head[0].data_ptr<float>(), static_cast<float>(eps));
+    Lin out(head.data(), 1, head_ints[0], head_ints[1]);
+    TORCH_CHECK(out.w.K == H, "moedesk.layers_decode_logits: head [V, H]");
+    logits = at::empty({T, out.w.N}, res.options());
+    out(res.data_ptr<float>(), T, logits.data_ptr<float>());
+  });
+  return {res.view(x.sizes()), logits, ids, scores};
+}
+
 // ---- one Multi-Token-Prediction depth for a few positions (drafting) --------------------------------
 //
 // h = layers(eh_proj([rms_norm(emb) · enorm; rms_norm(hidden) · hnorm])), logits = head(rms_norm(h[T-1])
@@ -2016,6 +2043,8 @@ TORCH_LIBRARY(moedesk, m) {
   m.def("mla_decode(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!) kv, Tensor cos, Tensor sin) -> Tensor");
   m.def("layers_decode(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!)[] kvs, Tensor cos, Tensor sin, "
         "int start, int top_k, int E) -> Tensor[]");
+  m.def("layers_decode_logits(Tensor x, Tensor[] w, int[] ints, float[] floats, Tensor(a!)[] kvs, Tensor cos, "
+        "Tensor sin, int start, int top_k, int E, Tensor[] head, int[] head_ints, float eps) -> Tensor[]");
   m.def("mtp_decode(Tensor emb, Tensor hidden, Tensor[] head, int[] head_ints, float eps, Tensor[] w, int[] ints, "
         "float[] floats, Tensor(a!)[] kvs, Tensor cos, Tensor sin, int start, int top_k, int E) -> Tensor[]");
   m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor gu_q, Tensor gu_s, Tensor gu_z, Tensor dn_q, "
@@ -2028,6 +2057,7 @@ TORCH_LIBRARY_IMPL(moedesk, CPU, m) {
   m.impl("mla_decode", &mla_decode);
   m.impl("moe_ffn", &moe_ffn);
   m.impl("layers_decode", &layers_decode);
+  m.impl("layers_decode_logits", &layers_decode_logits);
   m.impl("mtp_decode", &mtp_decode);
 }
 
