@@ -443,6 +443,28 @@ def test_the_layers_norm_and_head_in_one_call_equal_the_separate_calls(variant, 
     assert torch.equal(one[0][1][0, 0], one[1][1][0, 0]) and torch.equal(one[0][0][0, 0], one[1][0][0, 0])
 
 
+def test_the_one_call_pass_refuses_a_head_or_norm_of_the_wrong_size():
+    """Wrong head or norm shapes, or too many rows, are errors raised before any layer runs."""
+    model = small_model("fp32", 15)
+    with torch.inference_mode():
+        model.setup_caches(1, 32)
+        model(torch.tensor([[3, 4, 5]]), 0)
+        x = model.embed(torch.tensor([[6]]))
+        (w, ints, floats, top_k, E), kvs = model._pass_args("main", model.layers, x, 3)
+        cos, sin = model.rotary.rows(3, 1)
+        head, head_ints = model._head_args()[1]
+        H = x.shape[-1]
+        bad_heads = {"norm \\[H\\] fp32": [torch.ones(H + 1)] + head[1:],
+                     "head \\[V, H\\]": [head[0], torch.randn(50, H + 8)] + head[2:]}
+        for message, bad in bad_heads.items():
+            with pytest.raises(RuntimeError, match=message):
+                torch.ops.moedesk.layers_decode_logits(x[0], w, ints, floats, kvs, cos, sin, 3, top_k, E, bad,
+                                                       head_ints, 1e-6)
+        with pytest.raises(RuntimeError, match="1 <= T <= 16"):
+            torch.ops.moedesk.layers_decode_logits(x[0].expand(17, H), w, ints, floats, kvs, cos, sin, 3, top_k, E,
+                                                   head, head_ints, 1e-6)
+
+
 def test_fused_decode_past_the_first_rotary_table_and_inside_fixed_weights(monkeypatch):
     """The fused stack's rotary rows past the table's first 256 positions (the table grows for them:
     the layer-by-layer path grows it, the fused one once read past its end), and the arguments a

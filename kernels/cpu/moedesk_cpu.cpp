@@ -1965,13 +1965,12 @@ std::vector<at::Tensor> layers_decode_logits(const at::Tensor& x, at::TensorList
   TORCH_CHECK(head[0].numel() == H && head[0].scalar_type() == at::kFloat, "moedesk.layers_decode_logits: norm [H] fp32");
   TORCH_CHECK(T >= 1 && T <= 16, "moedesk.layers_decode_logits: 1 <= T <= 16");
   auto [cf, sf, ids, scores] = pass_inputs(res, w, ints, floats, kvs, cos, sin, top_k, E, "moedesk.layers_decode_logits");
-  at::Tensor logits;
+  Lin out(head.data(), 1, head_ints[0], head_ints[1]);
+  TORCH_CHECK(out.w.K == H, "moedesk.layers_decode_logits: head [V, H]");
+  at::Tensor logits = at::empty({T, out.w.N}, res.options());
   on_team([&] {
     run_layers(res, w, ints, floats, kvs, cf, sf, start, top_k, E, ids, scores);
     rms_norm_rows(res.data_ptr<float>(), T, H, head[0].data_ptr<float>(), static_cast<float>(eps));
-    Lin out(head.data(), 1, head_ints[0], head_ints[1]);
-    TORCH_CHECK(out.w.K == H, "moedesk.layers_decode_logits: head [V, H]");
-    logits = at::empty({T, out.w.N}, res.options());
     out(res.data_ptr<float>(), T, logits.data_ptr<float>());
   });
   return {res.view(x.sizes()), logits, ids, scores};
