@@ -96,7 +96,7 @@ class Transformer(torch.nn.Module):
         # stack ("main" or an MTP depth) → (what its arguments were made of, them, its blocks' routers)
         self._joined: dict = {}
         self._head_fused = FusedArgs()  # the final norm and head as moedesk::layers_decode_logits takes them
-        self._fixed: dict | None = None  # inside fixed_weights(): stack → its first fused pass's arguments
+        self._fixed: dict | None = None  # inside fixed_weights(): stack (and "head") → its first fused pass's arguments
         self.max_seq_len = 0
 
     def reset_rotary(self) -> None:
@@ -178,8 +178,13 @@ class Transformer(torch.nn.Module):
         if x.dtype != torch.float32:
             return None
         args = self._pass_args("main", self.layers, x, start_pos)
-        head = self._head_fused.get(self, self.norm, self._head_args) if args is not None else None
-        if head is None:
+        fixed = self._fixed
+        head = fixed.get("head") if fixed else None  # inside fixed_weights(): checked at the first pass only
+        if head is None and args is not None:
+            head = self._head_fused.get(self, self.norm, self._head_args)
+            if fixed is not None and head is not None:
+                fixed["head"] = head
+        if args is None or head is None:
             return None
         (w, ints, floats, top_k, E), kvs = args
         cos, sin = self.rotary.rows(start_pos, x.shape[1])
